@@ -1,0 +1,282 @@
+"""The VAR transformer in Flax: AdaLN blocks, L2-normalised attention, teacher-forced and KV-cached forwards.
+
+Every matmul passes through `policy` (see `policy.py`): `None` is full precision; a quantization policy sees
+each Linear (with its site name) and each attention (per scale block, with exactly the keys that the KV-cached
+inference would see). The residual stream stays float32; matmuls run in `dtype` (bf16 for speed); logits are
+float32.
+"""
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class VARConfig:
+    """Hyperparameters of a VAR transformer; defaults are VAR-d16 (see `zoo.py` for the released presets)."""
+    depth: int = 16
+    width: int = 1024
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    vocab_size: int = 4096
+    cvae: int = 32
+    patch_nums: tuple = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    attn_l2_norm: bool = True
+    shared_aln: bool = False
+    norm_eps: float = 1e-6
+    cond_drop_rate: float = 0.1
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def hidden(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+    @property
+    def L(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @property
+    def begin_ends(self) -> tuple:
+        out, cur = [], 0
+        for pn in self.patch_nums:
+            out.append((cur, cur + pn * pn))
+            cur += pn * pn
+        return tuple(out)
+
+    @property
+    def attn_scale(self) -> float:
+        return 1.0 if self.attn_l2_norm else 0.25 / math.sqrt(self.head_dim)
+
+    def level_ids(self) -> np.ndarray:
+        return np.concatenate([np.full(pn * pn, i) for i, pn in enumerate(self.patch_nums)])
+
+    def block_causal_mask(self) -> np.ndarray:
+        """[L, L] bool: query i sees key j iff level(j) ≤ level(i) (the official `attn_bias_for_masking`)."""
+        lvl = self.level_ids()
+        return lvl[:, None] >= lvl[None, :]
+
+
+def layer_norm(x: Array, eps: float) -> Array:
+    """LayerNorm without affine parameters, float32 two-pass statistics."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+    """torch F.normalize: x / max(‖x‖₂, eps)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), -1, keepdims=True))
+    return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, scale: float, mask: Optional[Array] = None) -> Array:
+    """softmax(q·kᵀ·scale [+ mask]) · v with q [B, T, H, D], k/v [B, S, H, D]; logits and softmax in float32."""
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+class Dense(nn.Module):
+    """A Linear layer (kernel [in, out]) whose matmul goes through the quantization policy when one is given."""
+    features: int
+    site: str
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    out_dtype: Any = None
+    policy: Any = None
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
+        if self.policy is not None:
+            return self.policy.dense(self, x, kernel, bias)
+        return dense(x, kernel, bias, self.dtype, self.out_dtype)
+
+
+def dense(x: Array, kernel: Array, bias: Optional[Array], dtype, out_dtype=None) -> Array:
+    """x·W + b in `dtype` with float32 accumulation; the result in `out_dtype` (default `dtype`)."""
+    y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(out_dtype or dtype)
+
+
+class SelfAttention(nn.Module):
+    cfg: VARConfig
+    dtype: Any = jnp.float32
+    policy: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, cache: Optional[tuple] = None, start: int = 0):
+        """Teacher-forced over all L tokens (cache None), or one KV-cached scale: x holds the tokens at
+        positions [start, start + n) and `cache` = (k, v) [B, L, H, D] buffers; returns (out, cache)."""
+        cfg = self.cfg
+        b, n, c = x.shape
+        h, d = cfg.heads, cfg.head_dim
+        w = Dense(3 * c, "mat_qkv", use_bias=False, dtype=self.dtype, policy=self.policy, name="mat_qkv")
+        q_bias = self.param("q_bias", nn.initializers.zeros, (c,), jnp.float32)
+        v_bias = self.param("v_bias", nn.initializers.zeros, (c,), jnp.float32)
+        qkv = w(x).astype(jnp.float32) + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
+        qkv = qkv.reshape(b, n, 3, h, d)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if cfg.attn_l2_norm:
+            scale_mul = self.param("scale_mul", nn.initializers.constant(math.log(4.0)), (h,), jnp.float32)
+            scale_mul = jnp.exp(jnp.minimum(scale_mul, math.log(100.0)))
+            q = l2_normalize(q) * scale_mul[:, None]
+            k = l2_normalize(k)
+        q, k, v = (t.astype(self.dtype) for t in (q, k, v))
+
+        if cache is not None:
+            k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
+            end = start + n
+            out = self._attend(q, k_cache[:, :end], v_cache[:, :end])
+            cache = (k_cache, v_cache)
+        elif self.policy is not None and self.policy.blockwise_attention:
+            # Per scale block: queries of scale s see exactly the keys of scales ≤ s, as in KV-cached inference.
+            out = jnp.concatenate([self._attend(q[:, s:e], k[:, :e], v[:, :e]) for s, e in cfg.begin_ends], 1)
+        else:
+            out = attention(q, k, v, cfg.attn_scale, jnp.asarray(cfg.block_causal_mask()))
+        out = out.reshape(b, n, c)
+        return Dense(c, "proj", dtype=self.dtype, policy=self.policy, name="proj")(out), cache
+
+    def _attend(self, q, k, v):
+        if self.policy is not None:
+            return self.policy.attention(self, q, k, v, self.cfg.attn_scale)
+        return attention(q, k, v, self.cfg.attn_scale)
+
+
+class FFN(nn.Module):
+    cfg: VARConfig
+    dtype: Any = jnp.float32
+    policy: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = Dense(self.cfg.hidden, "fc1", dtype=self.dtype, policy=self.policy, name="fc1")(x)
+        h = nn.gelu(h, approximate=True)
+        return Dense(self.cfg.width, "fc2", dtype=self.dtype, policy=self.policy, name="fc2")(h)
+
+
+class AdaLNBlock(nn.Module):
+    """x += γ₁·Attn(LN(x)(1+s₁)+b₁); x += γ₂·FFN(LN(x)(1+s₂)+b₂); chunks γ₁ γ₂ s₁ s₂ b₁ b₂."""
+    cfg: VARConfig
+    dtype: Any = jnp.float32
+    policy: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array, cond: Array, cache=None, start: int = 0):
+        cfg, c = self.cfg, self.cfg.width
+        if cfg.shared_aln:
+            ada_gss = self.param("ada_gss", nn.initializers.normal(c ** -0.5), (6, c), jnp.float32)
+            six = ada_gss + cond.astype(jnp.float32)                   # cond is the shared [B, 6, C]
+        else:
+            six = Dense(6 * c, "ada_lin", dtype=self.dtype, policy=self.policy, name="ada_lin")(nn.silu(cond))
+            six = six.astype(jnp.float32).reshape(-1, 6, c)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (six[:, None, i] for i in range(6))
+        ln = lambda t: layer_norm(t, cfg.norm_eps)
+        a, cache = SelfAttention(cfg, self.dtype, self.policy, name="attn")(
+            (ln(x) * (1 + scale1) + shift1).astype(self.dtype), cache, start)
+        x = x + a.astype(jnp.float32) * gamma1
+        f = FFN(cfg, self.dtype, self.policy, name="ffn")((ln(x) * (1 + scale2) + shift2).astype(self.dtype))
+        x = x + f.astype(jnp.float32) * gamma2
+        return x, cache
+
+
+class VAR(nn.Module):
+    """Class-conditional next-scale prediction transformer.
+
+    Methods: `__call__` (teacher-forced logits), `condition`, `first_tokens`, `embed_next` and `step` (one
+    KV-cached scale) — the sampler composes the last four; `init_cache` allocates the cache.
+    """
+    cfg: VARConfig
+    dtype: Any = jnp.float32
+    policy: Any = None
+
+    def setup(self):
+        cfg, c = self.cfg, self.cfg.width
+        std = math.sqrt(1 / c / 3)
+        init = nn.initializers.truncated_normal(std)
+        self.class_emb = self.param("class_emb", init, (cfg.num_classes + 1, c), jnp.float32)
+        self.pos_start = self.param("pos_start", init, (cfg.patch_nums[0] ** 2, c), jnp.float32)
+        self.pos_1LC = self.param("pos_1LC", init, (cfg.L, c), jnp.float32)
+        self.lvl_embed = self.param("lvl_embed", init, (cfg.num_scales, c), jnp.float32)
+        self.word_embed = Dense(c, "word_embed", dtype=self.dtype, out_dtype=jnp.float32, policy=self.policy)
+        if cfg.shared_aln:
+            self.shared_ada_lin = Dense(6 * c, "shared_ada_lin", dtype=self.dtype, policy=self.policy)
+        self.blocks = [AdaLNBlock(cfg, self.dtype, self.policy, name=f"blocks_{i}") for i in range(cfg.depth)]
+        self.head_nm = Dense(2 * c, "head_nm", dtype=self.dtype, policy=self.policy)
+        self.head = Dense(cfg.vocab_size, "head", dtype=self.dtype, out_dtype=jnp.float32, policy=self.policy)
+
+    # --- pieces shared by the teacher-forced and cached forwards ----------------------------------------------
+    def lvl_pos(self) -> Array:
+        return self.lvl_embed[jnp.asarray(self.cfg.level_ids())] + self.pos_1LC
+
+    def condition(self, labels: Array) -> Array:
+        """Class embedding [B, C] (label num_classes = the null class)."""
+        return jnp.take(self.class_emb, labels, axis=0)
+
+    def block_condition(self, cond: Array) -> Array:
+        """What each block's AdaLN receives: cond itself, or the shared [B, 6, C] projection."""
+        if self.cfg.shared_aln:
+            return self.shared_ada_lin(nn.silu(cond)).astype(jnp.float32).reshape(-1, 6, self.cfg.width)
+        return cond
+
+    def first_tokens(self, cond: Array) -> Array:
+        n0 = self.cfg.patch_nums[0] ** 2
+        return cond[:, None] + self.pos_start[None] + self.lvl_pos()[None, :n0]
+
+    def embed_next(self, x_cvae: Array, start: int) -> Array:
+        """word_embed of next-scale inputs [B, n, Cvae] placed at positions [start, start + n)."""
+        n = x_cvae.shape[1]
+        return self.word_embed(x_cvae) + self.lvl_pos()[None, start:start + n]
+
+    def logits(self, x: Array, cond: Array) -> Array:
+        ss = self.head_nm(nn.silu(cond)).astype(jnp.float32).reshape(-1, 2, self.cfg.width)
+        h = layer_norm(x, self.cfg.norm_eps) * (1 + ss[:, None, 0]) + ss[:, None, 1]
+        return self.head(h.astype(self.dtype)).astype(jnp.float32)
+
+    # --- forwards ----------------------------------------------------------------------------------------------
+    def __call__(self, labels: Array, x_cvae: Array) -> Array:
+        """Teacher-forced logits [B, L, V] from labels [B] and `idx_to_var_input` [B, L − pn₀², Cvae].
+        (Class-label dropout for CFG training is applied by the caller, on the labels.)"""
+        cond = self.condition(labels)
+        x = jnp.concatenate([self.first_tokens(cond), self.embed_next(x_cvae, self.cfg.patch_nums[0] ** 2)], 1)
+        bc = self.block_condition(cond)
+        for blk in self.blocks:
+            x, _ = blk(x, bc)
+        return self.logits(x, cond)
+
+    def step(self, x: Array, cond: Array, caches: list, start: int):
+        """One KV-cached scale: tokens x [B, n, C] at positions [start, start + n) → (logits, caches)."""
+        bc = self.block_condition(cond)
+        new = []
+        for blk, cache in zip(self.blocks, caches):
+            x, cache = blk(x, bc, cache, start)
+            new.append(cache)
+        return self.logits(x, cond), new
+
+
+def init_cache(cfg: VARConfig, batch: int, dtype=jnp.float32) -> list:
+    """Preallocated KV cache: per block a (k, v) pair of [batch, L, H, D] buffers."""
+    shape = (batch, cfg.L, cfg.heads, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.depth)]
