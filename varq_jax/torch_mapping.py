@@ -214,3 +214,48 @@ def infer_vae_config(sd: Mapping[str, np.ndarray], patch_nums: tuple, quant_resi
                        share_quant_resi=share, quant_resi=quant_resi,
                        using_sa=any(k.startswith(f"encoder.down.{levels - 1}.attn.") for k in keys),
                        using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd)
+
+
+# --- whole checkpoints -------------------------------------------------------------------------------------
+def load_torch_state_dict(path: str) -> dict:
+    """A flat state_dict of NumPy arrays from an official `.pth` file (needs the `convert` extra: torch)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("reading .pth files needs torch: pip install 'varq-jax[convert]'") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError for truncated or foreign files
+        raise ConversionError(f"cannot read {path!r} as a PyTorch checkpoint "
+                              f"(truncated or not a torch.save file): {type(e).__name__}: {e}") from e
+    if isinstance(obj, dict) and "trainer" in obj:
+        raise ConversionError(f"{path!r} is a VAR training checkpoint (ar-ckpt-*.pth); pass the released "
+                              f"state_dict file instead (or extract obj['trainer']['var_wo_ddp'])")
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise ConversionError(f"{path!r} does not hold a flat state_dict of tensors")
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
+
+
+def convert_state_dicts(vae_sd: Mapping[str, np.ndarray], var_sd: Mapping[str, np.ndarray],
+                        patch_nums: Optional[tuple] = None, dtype=np.float32, quant_resi: float = 0.5):
+    """Official VQVAE + VAR state_dicts → (VQVAEConfig, VARConfig, params {'vae', 'var'}); strict."""
+    from varq_jax.models.build import abstract_params
+    var_cfg = infer_var_config(var_sd, patch_nums)
+    vae_cfg = infer_vae_config(vae_sd, var_cfg.patch_nums, quant_resi)
+    if vae_cfg.vocab_size != var_cfg.vocab_size or vae_cfg.z_channels != var_cfg.cvae:
+        raise ConversionError(f"VQVAE (vocab {vae_cfg.vocab_size}, Cvae {vae_cfg.z_channels}) and VAR (vocab "
+                              f"{var_cfg.vocab_size}, Cvae {var_cfg.cvae}) checkpoints do not belong together")
+    shapes = abstract_params(vae_cfg, var_cfg)
+    errors, params = [], {}
+    for name, sd, key_fn, ignored, what in (
+            ("vae", vae_sd, lambda p: vae_torch_key(p, vae_cfg), IGNORED_VAE_KEYS, "VQVAE"),
+            ("var", var_sd, var_torch_key, IGNORED_VAR_KEYS, "VAR")):
+        try:
+            params[name] = convert_state_dict(sd, shapes[name], key_fn, ignored, what, dtype)
+        except ConversionError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConversionError("\n".join(errors))
+    return vae_cfg, var_cfg, params

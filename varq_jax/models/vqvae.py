@@ -229,6 +229,31 @@ class VQVAE(nn.Module):
             fhat_list.append(f_hat)
         return idx_list, fhat_list
 
+    def quantize_train(self, f: Array):
+        """The quantizer's training forward (official `VectorQuantizer2.forward`), float32.
+
+        Returns (f̂ with straight-through gradient f + sg(f̂ − f), vq loss, token maps per scale, and the
+        quantizer inputs per scale [B, pn, pn, C] (for re-initialising dead codes)). The loss is the mean over
+        scales of β·MSE(sg(f̂_k), f) (commitment, to the encoder) + MSE(f̂_k, sg(f)) (to codebook and Phi).
+        """
+        pns, sn = self.cfg.patch_nums, len(self.cfg.patch_nums)
+        f = f.astype(jnp.float32)
+        f_no_grad = jax.lax.stop_gradient(f)
+        f_rest, f_hat = f_no_grad, jnp.zeros_like(f_no_grad)
+        vq_loss, idx_list, inputs = 0.0, [], []
+        for si, pn in enumerate(pns):
+            z = resize(f_rest, pn, "area") if si != sn - 1 else f_rest
+            z = jax.lax.stop_gradient(z)
+            idx = self.nearest_code(z)
+            h = self._upsample_phi(si, self.embed(idx))
+            f_hat, f_rest = f_hat + h, f_rest - h
+            vq_loss = vq_loss + self.cfg.beta * jnp.mean(jnp.square(jax.lax.stop_gradient(f_hat) - f)) \
+                + jnp.mean(jnp.square(f_hat - f_no_grad))
+            idx_list.append(idx.reshape(idx.shape[0], pn * pn))
+            inputs.append(z)
+        f_hat_st = (jax.lax.stop_gradient(f_hat) - f_no_grad) + f
+        return f_hat_st, vq_loss / sn, idx_list, inputs
+
     def img_to_idx(self, img: Array):
         return self.tokenize(self.encode(img))[0]
 

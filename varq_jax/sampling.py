@@ -1,0 +1,165 @@
+"""Next-scale sampling as one compiled program: KV cache, CFG, top-k/top-p, Gumbel smoothing, zero-shot editing.
+
+The scale loop is unrolled at trace time (each scale has static shapes), the KV cache is preallocated at full
+length and written in place, matmuls run in the compute dtype while logits, sampling and f̂ stay float32.
+Randomness is per image: image b draws scale si's tokens from `fold_in(keys[b], si)`, so an image depends on
+its own key only — not on the batch it was generated in or the devices it ran on.
+"""
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from varq_jax.models.resize import resize
+from varq_jax.models.var import VAR, VARConfig, init_cache
+from varq_jax.models.vqvae import VQVAE, VQVAEConfig
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """The official `autoregressive_infer_cfg` settings (defaults: the FID/IS protocol of the papers)."""
+    cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
+    more_smooth: bool = False
+
+
+def validate(sampling: SamplingConfig, var_cfg: VARConfig, labels) -> np.ndarray:
+    """Checks settings and labels before any work; returns labels as int32 NumPy."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array (one per image), got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if labels.min() < 0 or labels.max() > var_cfg.num_classes:
+        raise ValueError(f"labels must lie in [0, {var_cfg.num_classes}] ({var_cfg.num_classes} = unconditional); "
+                         f"got values in [{labels.min()}, {labels.max()}]")
+    if not sampling.cfg >= 0:
+        raise ValueError(f"cfg (guidance scale) must be >= 0, got {sampling.cfg}")
+    if not 0 <= sampling.top_k <= var_cfg.vocab_size:
+        raise ValueError(f"top_k must be in [0, {var_cfg.vocab_size}] (0 = off), got {sampling.top_k}")
+    if not 0 < sampling.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {sampling.top_p}")
+    return labels.astype(np.int32)
+
+
+def mask_top_k_top_p(logits: Array, top_k: int, top_p: float) -> Array:
+    """The official `sample_with_top_k_top_p_` masking with one sort.
+
+    top-k: entries strictly below the k-th largest are removed (ties at the threshold survive). top-p, on the
+    top-k-masked logits: ascending softmax cumsum ≤ 1 − p removed, the largest always kept. The kept set is
+    a top set, so it is applied as a value threshold (ties straddling the top-p cut are all kept).
+    """
+    v = logits.shape[-1]
+    desc = -jnp.sort(-logits, axis=-1)
+    thr = desc[..., top_k - 1:top_k] if 0 < top_k < v else jnp.full_like(desc[..., :1], -jnp.inf)
+    if top_p > 0:
+        asc = jnp.where(desc >= thr, desc, -jnp.inf)[..., ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
+        removed = jnp.sum(cum[..., :-1] <= 1 - top_p, axis=-1, keepdims=True)   # a prefix; the last never
+        thr = jnp.maximum(thr, jnp.take_along_axis(asc, removed, axis=-1))
+    return jnp.where(logits < thr, -jnp.inf, logits)
+
+
+def _sample_tokens(keys: Array, logits: Array) -> Array:
+    """One token per position from softmax(logits), image b with its own key. keys [B], logits [B, n, V]."""
+    return jax.vmap(lambda k, lg: jax.random.categorical(k, lg, axis=-1))(keys, logits).astype(jnp.int32)
+
+
+def _gumbel_embed(keys: Array, logits: Array, ratio: float, codebook: Array) -> Array:
+    """`more_smooth`: Gumbel-softmax mixture of code vectors with the MaskGIT temperature schedule."""
+    tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+    g = jax.vmap(lambda k, lg: jax.random.gumbel(k, lg.shape))(keys, logits)
+    y = jax.nn.softmax((logits * (1 + ratio) + g) / tau, axis=-1)
+    return jnp.einsum("bnv,vc->bnc", y, codebook, precision="highest")
+
+
+def keep_mask_at(keep_mask: Array, pn: int) -> Array:
+    """Editing mask at scale pn: bilinear resize of the [B, h, w] mask, > 0.5; all ones when pn² ≤ 3."""
+    if pn * pn <= 3:
+        return jnp.ones((keep_mask.shape[0], pn, pn), bool)
+    return resize(keep_mask[..., None].astype(jnp.float32), pn, "bilinear")[..., 0] > 0.5
+
+
+def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant: Optional[dict], labels: Array,
+             keys: Array, gt_tokens: Optional[Sequence[Array]] = None, keep_mask: Optional[Array] = None,
+             collect_logits: bool = False):
+    """The whole next-scale loop. Returns (images [B, H, W, 3] in [0, 1], tokens per scale[, logits]).
+
+    params: {'vae': ..., 'var': ...}; quant: the VAR's 'quant' collection (None for FP). For editing, gt_tokens are the
+    input image's token maps and keep_mask [B, pn_last, pn_last] is 1 where the given tokens are kept; those
+    tokens are teacher-forced at every scale. collect_logits adds per-scale (guided, masked) logits.
+    """
+    cfg, pns = var.cfg, var.cfg.patch_nums
+    b, sn = labels.shape[0], len(pns)
+    vae_vars = {"params": params["vae"]}
+    run = functools.partial(var.apply, {"params": params["var"], **({"quant": quant} if quant is not None else {})})
+    codebook = params["vae"]["embedding"]
+
+    cond = run(jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)]), method=VAR.condition)
+    x = run(cond, method=VAR.first_tokens)
+    caches = init_cache(cfg, 2 * b, var.dtype)
+    f_hat = jnp.zeros((b, pns[-1], pns[-1], cfg.cvae), jnp.float32)
+    tokens, logged = [], []
+    for si, ((start, end), pn) in enumerate(zip(cfg.begin_ends, pns)):
+        ratio = si / (sn - 1) if sn > 1 else 0.0
+        logits, caches = run(x, cond, caches, start, method=VAR.step)
+        t = sampling.cfg * ratio
+        guided = (1 + t) * logits[:b] - t * logits[b:]
+        masked = mask_top_k_top_p(guided, sampling.top_k, sampling.top_p)
+        step_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, si)))(keys)
+        idx = _sample_tokens(step_keys[:, 0], masked)
+        if sampling.more_smooth:
+            h = _gumbel_embed(step_keys[:, 1], masked, ratio, codebook)
+        else:
+            h = jnp.take(codebook, idx, axis=0)
+        if gt_tokens is not None:
+            keep = keep_mask_at(keep_mask, pn).reshape(b, pn * pn)
+            h = jnp.where(keep[..., None], jnp.take(codebook, gt_tokens[si], axis=0), h)
+            idx = jnp.where(keep, gt_tokens[si], idx)
+        tokens.append(idx)
+        if collect_logits:
+            logged.append((guided, masked))
+        f_hat, nxt = vae.apply(vae_vars, si, f_hat, h.reshape(b, pn, pn, cfg.cvae), method=VQVAE.next_scale_input)
+        if si < sn - 1:
+            x = run(nxt.reshape(b, -1, cfg.cvae), end, method=VAR.embed_next)
+            x = jnp.concatenate([x, x], axis=0)
+    images = (vae.apply(vae_vars, f_hat, method=VQVAE.fhat_to_img) + 1) / 2
+    return (images, tokens, logged) if collect_logits else (images, tokens)
+
+
+class Sampler:
+    """A compiled sampler for one (model, quantization policy, sampling settings); compiled once per batch size.
+
+    `sampler(params, labels, key, quant=None)` → (images [B, H, W, 3] float32 in [0, 1], tokens per scale). `key`
+    is one PRNG key (split per image) or a [B] array of per-image keys.
+    """
+
+    def __init__(self, vae_cfg: VQVAEConfig, var_cfg: VARConfig, sampling: SamplingConfig = SamplingConfig(),
+                 dtype: Any = jnp.bfloat16, policy: Any = None):
+        self.vae_cfg, self.var_cfg, self.sampling = vae_cfg, var_cfg, sampling
+        self.vae = VQVAE(vae_cfg, dtype)
+        self.var = VAR(var_cfg, dtype, policy)
+        validate(sampling, var_cfg, np.zeros(1, np.int32))
+        self._generate = jax.jit(functools.partial(generate, self.vae, self.var, sampling))
+
+    def per_image_keys(self, key: Array, batch: int) -> Array:
+        key = jnp.asarray(key)
+        if key.ndim == (1 if jnp.issubdtype(key.dtype, jnp.uint32) else 0):
+            return jax.random.split(key, batch)
+        if key.shape[0] != batch:
+            raise ValueError(f"got {key.shape[0]} per-image keys for {batch} labels")
+        return key
+
+    def __call__(self, params: dict, labels, key, quant=None, gt_tokens=None, keep_mask=None):
+        labels = validate(self.sampling, self.var_cfg, labels)
+        keys = self.per_image_keys(key, labels.shape[0])
+        if gt_tokens is not None:
+            keep_mask = jnp.broadcast_to(jnp.asarray(keep_mask, jnp.float32),
+                                         (labels.shape[0],) + tuple(np.shape(keep_mask)[-2:]))
+        return self._generate(params, quant, jnp.asarray(labels), keys, gt_tokens, keep_mask)
