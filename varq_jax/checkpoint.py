@@ -35,6 +35,21 @@ class ModelCheckpoint:
     meta: dict
     items: dict = dataclasses.field(default_factory=dict)
 
+    @property
+    def policy(self):
+        """The quantization policy of a quantized checkpoint (None for a full-precision one)."""
+        if "quant_policy" not in self.meta:
+            return None
+        from varq_jax.quant.policy import QuantPolicy
+        d = dict(self.meta["quant_policy"])
+        d["fp_modules"] = tuple(d.get("fp_modules", ()))
+        return QuantPolicy(**d)
+
+    @property
+    def quant(self):
+        """The 'quant' variable collection (weight scales, θ) of a quantized checkpoint, else None."""
+        return self.items.get("quant")
+
 
 class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete, or not one of ours."""

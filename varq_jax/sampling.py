@@ -98,7 +98,8 @@ def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant
     cfg, pns = var.cfg, var.cfg.patch_nums
     b, sn = labels.shape[0], len(pns)
     vae_vars = {"params": params["vae"]}
-    run = functools.partial(var.apply, {"params": params["var"], **({"quant": quant} if quant is not None else {})})
+    var_params = params["var"] if var.policy is None else var.policy.prepare_params(params["var"], quant)
+    run = functools.partial(var.apply, {"params": var_params, **({"quant": quant} if quant is not None else {})})
     codebook = params["vae"]["embedding"]
 
     cond = run(jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)]), method=VAR.condition)
@@ -144,7 +145,7 @@ class Sampler:
                  dtype: Any = jnp.bfloat16, policy: Any = None):
         self.vae_cfg, self.var_cfg, self.sampling = vae_cfg, var_cfg, sampling
         self.vae = VQVAE(vae_cfg, dtype)
-        self.var = VAR(var_cfg, dtype, policy)
+        self.var = VAR(var_cfg, dtype, policy.for_inference() if policy is not None else None)
         validate(sampling, var_cfg, np.zeros(1, np.int32))
         self._generate = jax.jit(functools.partial(generate, self.vae, self.var, sampling))
 

@@ -16,6 +16,14 @@ class MatmulPolicy:
     # keys of scales ≤ s), so range-dependent quantizers see the same tensors as in KV-cached inference.
     blockwise_attention: bool = True
 
+    def for_inference(self) -> "MatmulPolicy":
+        """The policy a sampler builds its model with (e.g. one that expects pre-quantized weights)."""
+        return self
+
+    def prepare_params(self, var_params, quant):
+        """Called once per sampling call by the inference policy, before the scale loop."""
+        return var_params
+
     def dense(self, module, x, kernel, bias):
         raise NotImplementedError
 

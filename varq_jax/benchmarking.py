@@ -1,0 +1,29 @@
+"""Timing helpers for benchmarks (compile time separate from steady-state time)."""
+import time
+
+import jax
+import numpy as np
+
+
+def compile_time(jitted, *args, **kwargs) -> float:
+    """Seconds to lower and compile `jitted` for these arguments (nothing is executed)."""
+    t = time.perf_counter()
+    jitted.lower(*args, **kwargs).compile()
+    return time.perf_counter() - t
+
+
+def median_time(fn, *args, repeats: int = 5, warmup: int = 1, **kwargs) -> float:
+    """Median wall time of fn(*args) with the result blocked on, after warm-up calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args, **kwargs))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args, **kwargs))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return f"{d.device_kind} ({d.platform}) x{jax.device_count()}"

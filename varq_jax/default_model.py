@@ -1,0 +1,44 @@
+"""The embedded default model: the small VAR trained in-project and shipped inside the package.
+
+Every CLI uses it when no --checkpoint is given. Until it is shipped, a random-weight tiny model stands in,
+labelled as such in its metadata and in everything printed about it.
+"""
+import importlib.resources
+import os
+from typing import Optional
+
+import jax
+
+from varq_jax import checkpoint
+from varq_jax.models import zoo
+from varq_jax.models.build import init_params
+
+ASSETS = importlib.resources.files("varq_jax") / "assets"
+DEFAULT_MODELS = "default/vae_var"
+
+
+def default_path() -> Optional[str]:
+    path = str(ASSETS / DEFAULT_MODELS)
+    return path if os.path.isdir(path) else None
+
+
+def random_tiny() -> checkpoint.ModelCheckpoint:
+    vae_cfg, var_cfg = zoo.tiny()
+    params = init_params(vae_cfg, var_cfg, jax.random.PRNGKey(0))
+    meta = {"random_weights": True, "description": "RANDOM-WEIGHT tiny model (no trained default is shipped)"}
+    return checkpoint.ModelCheckpoint(vae_cfg, var_cfg, params, meta)
+
+
+def load_model(path: Optional[str] = None, **kwargs) -> checkpoint.ModelCheckpoint:
+    """A checkpoint directory, or the embedded default when `path` is None."""
+    if path is not None:
+        return checkpoint.load(path, **kwargs)
+    default = default_path()
+    return checkpoint.load(default, **kwargs) if default else random_tiny()
+
+
+def describe(ck: checkpoint.ModelCheckpoint) -> str:
+    v = ck.var_cfg
+    what = ck.meta.get("description") or ck.meta.get("name") or "VAR"
+    return (f"{what}: depth {v.depth}, width {v.width}, heads {v.heads}, patch_nums {v.patch_nums}, "
+            f"{v.num_classes} classes, vocab {v.vocab_size}")
