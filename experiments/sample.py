@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from varq_jax import default_model, editing, image_io, sampling
+from varq_jax import cli, default_model, editing, image_io, sampling
 from varq_jax.models.vqvae import VQVAE
 
 FLAGS = flags.FLAGS
@@ -33,6 +33,7 @@ flags.DEFINE_integer("class_label", 0, "target class for --task edit")
 
 def main(argv):
     del argv
+    cli.quiet_logs()
     ck = default_model.load_model(FLAGS.checkpoint)
     print(default_model.describe(ck))
     vcfg = ck.var_cfg
@@ -52,8 +53,8 @@ def main(argv):
         labels = np.full(n, FLAGS.class_label if FLAGS.task == "edit" else vcfg.num_classes)
     sampling.validate(settings, vcfg, labels)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[FLAGS.dtype]
-    sampler = sampling.Sampler(ck.vae_cfg, vcfg, settings, dtype=dtype)
-    images, tokens = sampler(ck.params, labels, jax.random.PRNGKey(FLAGS.seed), quant=ck.items.get("quant"), **kwargs)
+    sampler = sampling.Sampler(ck.vae_cfg, vcfg, settings, dtype=dtype, policy=ck.policy)
+    images, tokens = sampler(ck.params, labels, jax.random.PRNGKey(FLAGS.seed), quant=ck.quant, **kwargs)
     images = image_io.to_uint8(images)
     os.makedirs(FLAGS.out, exist_ok=True)
     image_io.save_png(os.path.join(FLAGS.out, "grid.png"), image_io.make_grid(images))

@@ -88,8 +88,8 @@ def keep_mask_at(keep_mask: Array, pn: int) -> Array:
 
 def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant: Optional[dict], labels: Array,
              keys: Array, gt_tokens: Optional[Sequence[Array]] = None, keep_mask: Optional[Array] = None,
-             collect_logits: bool = False):
-    """The whole next-scale loop. Returns (images [B, H, W, 3] in [0, 1], tokens per scale[, logits]).
+             collect_logits: bool = False, collect_intermediates: bool = False):
+    """The whole next-scale loop. Returns (images [B, H, W, 3] in [0, 1], tokens per scale[, logits][, sown]).
 
     params: {'vae': ..., 'var': ...}; quant: the VAR's 'quant' collection (None for FP). For editing, gt_tokens are the
     input image's token maps and keep_mask [B, pn_last, pn_last] is 1 where the given tokens are kept; those
@@ -106,10 +106,14 @@ def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant
     x = run(cond, method=VAR.first_tokens)
     caches = init_cache(cfg, 2 * b, var.dtype)
     f_hat = jnp.zeros((b, pns[-1], pns[-1], cfg.cvae), jnp.float32)
-    tokens, logged = [], []
+    tokens, logged, sown = [], [], []
     for si, ((start, end), pn) in enumerate(zip(cfg.begin_ends, pns)):
         ratio = si / (sn - 1) if sn > 1 else 0.0
-        logits, caches = run(x, cond, caches, start, method=VAR.step)
+        if collect_intermediates:
+            (logits, caches), inter = run(x, cond, caches, start, method=VAR.step, mutable=["intermediates"])
+            sown.append(inter.get("intermediates", {}))
+        else:
+            logits, caches = run(x, cond, caches, start, method=VAR.step)
         t = sampling.cfg * ratio
         guided = (1 + t) * logits[:b] - t * logits[b:]
         masked = mask_top_k_top_p(guided, sampling.top_k, sampling.top_p)
@@ -131,7 +135,7 @@ def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant
             x = run(nxt.reshape(b, -1, cfg.cvae), end, method=VAR.embed_next)
             x = jnp.concatenate([x, x], axis=0)
     images = (vae.apply(vae_vars, f_hat, method=VQVAE.fhat_to_img) + 1) / 2
-    return (images, tokens, logged) if collect_logits else (images, tokens)
+    return (images, tokens) + ((logged,) if collect_logits else ()) + ((sown,) if collect_intermediates else ())
 
 
 class Sampler:

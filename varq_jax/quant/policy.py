@@ -31,6 +31,7 @@ class QuantPolicy(MatmulPolicy):
     rounding: str = "nearest"           # nearest | soft (AdaRound, optimisation) | hard (AdaRound, learned)
     fp_modules: tuple = ()              # fnmatch patterns of module paths kept in full precision
     weights_prequantized: bool = False  # kernels already hold ŵ (see state.materialize_weights)
+    report_errors: bool = False         # sow each Linear input's quantization error (for reports)
     blockwise_attention: bool = True
 
     def __post_init__(self):
@@ -75,7 +76,10 @@ class QuantPolicy(MatmulPolicy):
             kernel = self.quantized_kernel(module, kernel)
         if self.acts:
             quant = quantizers.act_quantizer(self.a_bits, kernel.shape[0], signed_split=module.site == "fc2")
-            x = quant(x.astype(jnp.float32))
+            xf = x.astype(jnp.float32)
+            x = quant(xf)
+            if self.report_errors:
+                module.sow("intermediates", "act_err", jnp.stack([jnp.sum(jnp.square(x - xf)), jnp.sum(jnp.square(xf))]))
         return dense(x, kernel, bias, module.dtype, module.out_dtype)
 
     # --- attention ---------------------------------------------------------------------------------------------

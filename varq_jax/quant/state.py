@@ -120,6 +120,22 @@ def unpack_codes(packed: np.ndarray, bits: int, shape: tuple) -> np.ndarray:
     return out[:size].reshape(shape)
 
 
+def linear_kernel_shapes(var_params) -> dict:
+    flat = traverse_util.flatten_dict(var_params)
+    return {"/".join(p): tuple(flat[p + ("kernel",)].shape) for p in _linear_paths(var_params)}
+
+
+def without_linear_kernels(var_params) -> dict:
+    drop = {p + ("kernel",) for p in _linear_paths(var_params)}
+    return traverse_util.unflatten_dict({p: a for p, a in traverse_util.flatten_dict(var_params).items()
+                                         if p not in drop})
+
+
+def without_alpha(quant: dict) -> dict:
+    return traverse_util.unflatten_dict({p: a for p, a in traverse_util.flatten_dict(quant).items()
+                                         if p[-1] != "alpha"})
+
+
 def export_quantized(var_params, quant: dict, policy: QuantPolicy):
     """(params without the quantized kernels, {path: packed codes}) — what a quantized checkpoint stores."""
     flat_p, flat_q = traverse_util.flatten_dict(var_params), traverse_util.flatten_dict(quant)
