@@ -39,6 +39,12 @@ def _settings(var_cfg):
     return sampling.SamplingConfig(1.5, min(900, var_cfg.vocab_size), 0.96)
 
 
+def _save(rows):
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump({"device": benchmarking.device_name(), "rows": rows}, f, indent=1)
+
+
 def _time_sampler(what, sampler, params, quant, batches, repeats, rows):
     for b in batches:
         labels = jnp.arange(b, dtype=jnp.int32) % sampler.var_cfg.num_classes
@@ -47,6 +53,7 @@ def _time_sampler(what, sampler, params, quant, batches, repeats, rows):
         t = benchmarking.median_time(sampler._generate, *args, repeats=repeats)
         rows.append({"what": what, "batch": b, "compile_s": ct, "s": t, "img_per_s": b / t})
         print(f"{what:<40} B={b:<4} compile {ct:7.1f} s   {t * 1e3:8.1f} ms   {b / t:8.1f} img/s", flush=True)
+        _save(rows)
 
 
 def bench_fp(preset, batches, repeats, rows):
@@ -92,9 +99,7 @@ def main(argv):
         bench_fp(p, batches, FLAGS.repeats, rows)
     for p in filter(None, FLAGS.quant_presets.split(",")):
         bench_quant(p, batches, FLAGS.repeats, rows)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump({"device": benchmarking.device_name(), "rows": rows}, f, indent=1)
+    _save(rows)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,24 @@ def test_cached_sampling_equals_teacher_forced(model):
     assert not np.allclose(_tf_logits(pol, p, q_off, jnp.array([3, 4]), x), tf[:b], atol=1e-4)
 
 
+def test_scanned_and_unrolled_blocks_agree(model):
+    """The sampler scans the blocks unless module-path patterns need them unrolled; both compute the same."""
+    p, q, toks, _ = model
+    b, pn = 2, VAR_CFG.patch_nums[-1]
+    outs = []
+    for fp in ((), ("no/such/module",)):
+        pol = dataclasses.replace(POLICY, acts=False, fp_modules=fp)
+        _, _, logged, sown = sampling.generate(VQVAE(VAE_CFG), VAR(VAR_CFG, jnp.float32, pol.for_inference()), SC, p,
+                                               q, jnp.array([3, 4]), jax.random.split(jax.random.PRNGKey(0), b), toks,
+                                               jnp.ones((b, pn, pn)), collect_logits=True, collect_intermediates=True)
+        outs.append((logged, sown))
+    for (g1, _), (g2, _) in zip(outs[0][0], outs[1][0]):
+        np.testing.assert_allclose(g1, g2, atol=2e-5)
+    m1 = outs[0][1][-1]["blocks_1"]["attn"]["attn_mean"][0]
+    m2 = outs[1][1][-1]["blocks_1"]["attn"]["attn_mean"][0]
+    np.testing.assert_allclose(m1, m2, atol=1e-6)
+
+
 def test_jit_equals_eager(model):
     p, q, _, x = model
     labels = jnp.array([1, 2])

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from varq_jax.models import stack
 from varq_jax.models.resize import resize
 from varq_jax.models.var import VAR, VARConfig, init_cache
 from varq_jax.models.vqvae import VQVAE, VQVAEConfig
@@ -93,7 +94,8 @@ def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant
 
     params: {'vae': ..., 'var': ...}; quant: the VAR's 'quant' collection (None for FP). For editing, gt_tokens are the
     input image's token maps and keep_mask [B, pn_last, pn_last] is 1 where the given tokens are kept; those
-    tokens are teacher-forced at every scale. collect_logits adds per-scale (guided, masked) logits.
+    tokens are teacher-forced at every scale. collect_logits adds per-scale (guided, masked) logits;
+    collect_intermediates adds per scale what the blocks sowed (e.g. a quantization policy's attention statistics).
     """
     cfg, pns = var.cfg, var.cfg.patch_nums
     b, sn = labels.shape[0], len(pns)
@@ -104,12 +106,26 @@ def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant
 
     cond = run(jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)]), method=VAR.condition)
     x = run(cond, method=VAR.first_tokens)
-    caches = init_cache(cfg, 2 * b, var.dtype)
+    # Blocks scanned (one compiled block per scale) unless module-path patterns must tell the blocks apart.
+    scanned = not getattr(var.policy, "fp_modules", ())
+    if scanned:
+        block_params = stack.stack_blocks(var_params, cfg.depth)
+        block_quant = stack.stack_blocks(quant, cfg.depth) if quant is not None else None
+        caches = stack.init_stacked_cache(cfg, 2 * b, var.dtype)
+        block_cond = run(cond, method=VAR.block_condition)
+    else:
+        caches = init_cache(cfg, 2 * b, var.dtype)
     f_hat = jnp.zeros((b, pns[-1], pns[-1], cfg.cvae), jnp.float32)
     tokens, logged, sown = [], [], []
     for si, ((start, end), pn) in enumerate(zip(cfg.begin_ends, pns)):
         ratio = si / (sn - 1) if sn > 1 else 0.0
-        if collect_intermediates:
+        if scanned:
+            hidden, caches, inter = stack.scan_blocks(cfg, var.dtype, var.policy, block_params, block_quant, x,
+                                                      block_cond, caches, start, collect_intermediates)
+            logits = run(hidden, cond, method=VAR.logits)
+            if collect_intermediates:
+                sown.append(stack.unstack_blocks(inter, cfg.depth))
+        elif collect_intermediates:
             (logits, caches), inter = run(x, cond, caches, start, method=VAR.step, mutable=["intermediates"])
             sown.append(inter.get("intermediates", {}))
         else:

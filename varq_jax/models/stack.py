@@ -1,0 +1,50 @@
+"""The VAR blocks as one `lax.scan` over stacked per-block parameters, for the KV-cached sampler.
+
+Unrolling depth × scales block copies makes XLA compile minutes for d16/d30; scanning the blocks compiles one
+block per scale. The cache is one [depth, B, L, H, D] buffer per k and v, updated in place; each block reads
+exactly its visible prefix. The per-block modules are the same `AdaLNBlock`s (their params/quant trees are
+relative to the block, so module-path patterns that name blocks need the unrolled `VAR.step`).
+"""
+import jax
+import jax.numpy as jnp
+
+from varq_jax.models.var import AdaLNBlock, VARConfig
+
+
+def stack_blocks(tree: dict, depth: int):
+    """{'blocks_0': t₀, …} → the block subtrees stacked on a leading depth axis."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *[tree[f"blocks_{i}"] for i in range(depth)])
+
+
+def unstack_blocks(tree, depth: int) -> dict:
+    return {f"blocks_{i}": jax.tree.map(lambda a: a[i], tree) for i in range(depth)}
+
+
+def init_stacked_cache(cfg: VARConfig, batch: int, dtype) -> tuple:
+    shape = (cfg.depth, batch, cfg.L, cfg.heads, cfg.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def scan_blocks(cfg: VARConfig, dtype, policy, block_params, block_quant, x, block_cond, cache, start: int,
+                collect: bool = False):
+    """All blocks on the tokens x [B, n, C] at positions [start, start + n). Returns (x, cache, sown), where sown
+    holds the blocks' 'intermediates' stacked over depth (empty unless `collect`)."""
+    block = AdaLNBlock(cfg, dtype, policy)
+    end = start + x.shape[1]
+
+    def body(carry, xs):
+        h, kc, vc = carry
+        p, q, i = xs
+        visible = tuple(jax.lax.dynamic_slice_in_dim(c, i, 1, axis=0)[0, :, :end] for c in (kc, vc))
+        variables = {"params": p, **({"quant": q} if q is not None else {})}
+        if collect:
+            (h, (k, v)), sown = block.apply(variables, h, block_cond, visible, start, mutable=["intermediates"])
+            sown = sown.get("intermediates", {})
+        else:
+            (h, (k, v)), sown = block.apply(variables, h, block_cond, visible, start), {}
+        kc = jax.lax.dynamic_update_slice(kc, k[None, :, start:end].astype(kc.dtype), (i, 0, start, 0, 0))
+        vc = jax.lax.dynamic_update_slice(vc, v[None, :, start:end].astype(vc.dtype), (i, 0, start, 0, 0))
+        return (h, kc, vc), sown
+
+    (x, kc, vc), sown = jax.lax.scan(body, (x, *cache), (block_params, block_quant, jnp.arange(cfg.depth)))
+    return x, (kc, vc), sown
