@@ -1,0 +1,304 @@
+"""What BRECQ reconstructs, in which order, and the FP inputs/outputs it fits — captured from one forward pass.
+
+Reconstruction units follow the official `recon_model`, which walks the model's children in registration order:
+`shared_ada_lin` (shared-AdaLN models), then per block its `ada_lin`, `attn` and `ffn` (the last two as blocks,
+the Linears as layers), then `head_nm`, `head` and finally `word_embed` (the official VAR registers it last).
+
+Inputs and outputs come from the teacher-forced forward of the calibration tokens with classifier-free guidance
+doubling (every sample once with its label, once with the null class, same tokens), instead of one KV-cached
+sampling pass per sample: with a block-causal mask the per-scale activations are the same. A captured tensor is
+[N, R, T, C]: sample, CFG row (R = 2: label, null; R = 1 for `word_embed`, which the official sampler applies
+before doubling), token, channel. Layers that see one vector per sample (`ada_lin`, `head_nm`'s projection,
+`shared_ada_lin`) have T = 1: the official caches only the first scale's call of those, as the input is the same
+at every scale.
+"""
+import dataclasses
+import fnmatch
+import functools
+from typing import Any, Optional, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from varq_jax.models.var import FFN, VAR, Dense, SelfAttention, VARConfig
+from varq_jax.models.vqvae import VQVAE, VQVAEConfig
+from varq_jax.quant import quantizers
+from varq_jax.quant.policy import QuantPolicy
+
+Array = jax.Array
+KINDS = ("attn", "ffn", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleSpec:
+    """How to rebuild one reconstruction unit standalone. Path-free, so identical blocks share one compiled loop."""
+    kind: str                        # attn | ffn | dense
+    features: int = 0                # dense: output features
+    site: str = ""                   # dense: the Linear's site name (as in var.py)
+    out_float32: bool = False        # dense: output kept in float32 (word_embed, head)
+    multi_scale: bool = True         # False: one vector per row (T = 1)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+
+    def build(self, cfg: VARConfig, dtype, policy) -> nn.Module:
+        if self.kind == "attn":
+            return SelfAttention(cfg, dtype, policy)
+        if self.kind == "ffn":
+            return FFN(cfg, dtype, policy)
+        return Dense(self.features, self.site, dtype=dtype, out_dtype=jnp.float32 if self.out_float32 else None,
+                     policy=policy)
+
+    def apply(self, module: nn.Module, params: dict, quant: Optional[dict], x: Array) -> Array:
+        """The unit's output on x [rows, T, C]; attention evaluates per scale block under a quantization policy."""
+        variables = {"params": params, **({"quant": quant} if quant else {})}
+        out = module.apply(variables, x)
+        return out[0] if self.kind == "attn" else out
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconTarget:
+    path: tuple
+    spec: ModuleSpec
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.path)
+
+    @property
+    def is_block(self) -> bool:
+        return self.spec.kind != "dense"
+
+    @property
+    def cond_rows_only(self) -> bool:
+        return self.path == ("word_embed",)
+
+
+def recon_targets(cfg: VARConfig) -> tuple:
+    """All reconstruction units of a VAR in the official order."""
+    c = cfg.width
+    out = []
+    if cfg.shared_aln:
+        out.append(ReconTarget(("shared_ada_lin",), ModuleSpec("dense", 6 * c, "shared_ada_lin", multi_scale=False)))
+    for i in range(cfg.depth):
+        blk = f"blocks_{i}"
+        if not cfg.shared_aln:
+            out.append(ReconTarget((blk, "ada_lin"), ModuleSpec("dense", 6 * c, "ada_lin", multi_scale=False)))
+        out.append(ReconTarget((blk, "attn"), ModuleSpec("attn")))
+        out.append(ReconTarget((blk, "ffn"), ModuleSpec("ffn")))
+    out.append(ReconTarget(("head_nm",), ModuleSpec("dense", 2 * c, "head_nm", multi_scale=False)))
+    out.append(ReconTarget(("head",), ModuleSpec("dense", cfg.vocab_size, "head", out_float32=True)))
+    out.append(ReconTarget(("word_embed",), ModuleSpec("dense", c, "word_embed", out_float32=True)))
+    return tuple(out)
+
+
+def target_by_name(cfg: VARConfig, name: str) -> ReconTarget:
+    targets = {t.name: t for t in recon_targets(cfg)}
+    if name not in targets:
+        raise ValueError(f"no reconstruction unit {name!r} in this model; valid: {', '.join(targets)}")
+    return targets[name]
+
+
+def segments(cfg: VARConfig, target: ReconTarget) -> tuple:
+    """(start, end) of each scale along the captured token axis: the loss averages tokens within a scale and
+    sums over scales. word_embed sees scales 1…K−1 only; one-vector layers have a single segment."""
+    if not target.spec.multi_scale:
+        return ((0, 1),)
+    if target.cond_rows_only:
+        first = cfg.patch_nums[0] ** 2
+        return tuple((s - first, e - first) for s, e in cfg.begin_ends[1:])
+    return cfg.begin_ends
+
+
+def subtree(tree: dict, path: tuple) -> dict:
+    """The node of a nested dict at `path` (the module-relative params or quant state)."""
+    node = tree
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            raise ValueError(f"no entry {'/'.join(path)!r} in the tree (missing {key!r})")
+        node = node[key]
+    return node
+
+
+def replace_subtree(tree: dict, path: tuple, node: dict) -> dict:
+    """A copy of `tree` whose node at `path` is `node` (other branches shared, not copied)."""
+    if not path:
+        return node
+    out = dict(tree)
+    out[path[0]] = replace_subtree(tree.get(path[0], {}), path[1:], node)
+    return out
+
+
+def linear_paths(module_params: dict) -> list:
+    """Module-relative paths of the Linears (nodes holding a 2-D 'kernel'); () for a bare Dense."""
+    flat = traverse_util.flatten_dict(module_params)
+    return sorted(p[:-1] for p, a in flat.items() if p[-1] == "kernel" and np.ndim(a) == 2)
+
+
+def standalone_policy(policy: QuantPolicy, target: ReconTarget, module_params: dict, **changes) -> QuantPolicy:
+    """The policy for the unit applied on its own: module paths are then relative to it, so `fp_modules` patterns
+    (written for full paths) are resolved here into the exact relative paths they cover."""
+    rel_paths = {()} | set(linear_paths(module_params))
+    full = lambda rel: "/".join(target.path + rel)
+    fp = tuple(sorted("/".join(rel) for rel in rel_paths
+                      if any(fnmatch.fnmatchcase(full(rel), pat) for pat in policy.fp_modules)))
+    return dataclasses.replace(policy, fp_modules=fp, weights_prequantized=False, **changes)
+
+
+def trainable_linears(policy: QuantPolicy, target: ReconTarget, module_params: dict) -> list:
+    """Module-relative paths of the Linears whose rounding is learned (not kept in full precision)."""
+    full = lambda rel: "/".join(target.path + rel)
+    return [rel for rel in linear_paths(module_params)
+            if not any(fnmatch.fnmatchcase(full(rel), pat) for pat in policy.fp_modules)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedOrNearestPolicy(QuantPolicy):
+    """Hard AdaRound where a Linear already has α, nearest rounding elsewhere: the partly reconstructed model
+    that produces the inputs in `quantized_inputs` mode."""
+
+    def quantized_kernel(self, module, kernel):
+        if not self.weights_prequantized and module.get_variable("quant", "alpha") is None:
+            delta, zp = module.get_variable("quant", "delta"), module.get_variable("quant", "zero_point")
+            if delta is None:
+                raise ValueError(f"no 'quant' state for {'/'.join(module.scope.path)}")
+            return quantizers.fake_quant_weight(kernel, delta, zp, self.w_bits)
+        return super().quantized_kernel(module, kernel)
+
+
+def partial_model_policy(policy: QuantPolicy) -> LearnedOrNearestPolicy:
+    fields = {f.name: getattr(policy, f.name) for f in dataclasses.fields(QuantPolicy)}
+    fields.update(rounding="hard", weights_prequantized=False)
+    return LearnedOrNearestPolicy(**fields)
+
+
+@flax.struct.dataclass
+class Captured:
+    """FP reconstruction data of one unit: inputs [N, R, T, C_in] and outputs [N, R, T, C_out]."""
+    inputs: Array
+    outputs: Array
+
+    @property
+    def num_samples(self) -> int:
+        return self.inputs.shape[0]
+
+
+def _slot(path: tuple):
+    """(slot, block index): blocks_i/<sub> → (('blocks', sub), i), so one compiled capture serves every block."""
+    if len(path) == 2 and path[0].startswith("blocks_"):
+        return ("blocks", path[1]), int(path[0][len("blocks_"):])
+    return path, 0
+
+
+def _record(model: VAR, variables: dict, slot: tuple, block_index, labels: Array, x_cvae: Array):
+    """(input, output) of the submodule in `slot` (of block `block_index`, a traced int) in one teacher-forced
+    apply. Every block's candidate is selected with `where`, so the block index need not be static."""
+    seen = []
+
+    def interceptor(next_fun, args, kwargs, ctx):
+        out = next_fun(*args, **kwargs)
+        scope = ctx.module.scope
+        if ctx.method_name == "__call__" and scope is not None:
+            s, i = _slot(tuple(scope.path))
+            if s == slot:
+                seen.append((i, args[0], out))
+        return out
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, labels, x_cvae)
+    if not seen or len({i for i, _, _ in seen}) != len(seen):
+        raise ValueError(f"slot {slot} was called {len(seen)} times in the forward; expected once per block")
+    _, inp, out = seen[0]
+    for i, x, y in seen[1:]:
+        hit = block_index == i
+        inp = jax.tree.map(lambda a, b: jnp.where(hit, b, a), inp, x)
+        out = jax.tree.map(lambda a, b: jnp.where(hit, b, a), out, y)
+    return inp, out
+
+
+def _to_rows(t: Array, cond_rows_only: bool, b: int) -> Array:
+    """[2b, (T,) C] from the doubled batch → [b, R, T, C]."""
+    if t.ndim == 2:
+        t = t[:, None]
+    t = t.reshape(2, b, *t.shape[1:]).swapaxes(0, 1)
+    return t[:, :1] if cond_rows_only else t
+
+
+@functools.partial(jax.jit, static_argnames=("vae_cfg", "var_cfg", "slot", "attn", "cond_rows_only", "dtype",
+                                             "input_policy", "store_dtype"))
+def _capture_batch(vae_cfg, var_cfg, slot, attn, cond_rows_only, dtype, input_policy, store_dtype, params, quant,
+                   block_index, labels, tokens):
+    b = labels.shape[0]
+    x_cvae = VQVAE(vae_cfg).apply({"params": params["vae"]}, tokens, method=VQVAE.idx_to_var_input)
+    labels2 = jnp.concatenate([labels, jnp.full_like(labels, var_cfg.num_classes)])
+    x2 = jnp.concatenate([x_cvae, x_cvae])
+    inp, out = _record(VAR(var_cfg, dtype), {"params": params["var"]}, slot, block_index, labels2, x2)
+    if attn:
+        out = out[0]
+    if input_policy is not None:
+        inp, _ = _record(VAR(var_cfg, dtype, input_policy), {"params": params["var"], "quant": quant},
+                         slot, block_index, labels2, x2)
+    return (_to_rows(inp, cond_rows_only, b).astype(store_dtype),
+            _to_rows(out, cond_rows_only, b).astype(store_dtype))
+
+
+def check_calibration(var_cfg: VARConfig, labels, tokens) -> tuple:
+    """Labels as int32 [N] and tokens as a list of int32 [N, pn²] per scale ([N, L] is split); ValueError otherwise."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a non-empty 1-D integer array, got shape {labels.shape}, {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= var_cfg.num_classes:
+        raise ValueError(f"labels must lie in [0, {var_cfg.num_classes}), got [{labels.min()}, {labels.max()}]")
+    n = labels.shape[0]
+    if isinstance(tokens, (np.ndarray, jax.Array)) and np.ndim(tokens) == 2:
+        if tokens.shape[1] != var_cfg.L:
+            raise ValueError(f"a 2-D token array must be [N, L={var_cfg.L}], got {tokens.shape}")
+        tokens = [tokens[:, s:e] for s, e in var_cfg.begin_ends]
+    tokens = list(tokens)
+    if len(tokens) != var_cfg.num_scales:
+        raise ValueError(f"need one token map per scale ({var_cfg.num_scales}), got {len(tokens)}")
+    out = []
+    for si, (t, pn) in enumerate(zip(tokens, var_cfg.patch_nums)):
+        t = np.asarray(t)
+        if t.shape != (n, pn * pn) or not np.issubdtype(t.dtype, np.integer):
+            raise ValueError(f"tokens of scale {si} must be integer [N={n}, {pn * pn}], got {t.shape}, {t.dtype}")
+        if t.min() < 0 or t.max() >= var_cfg.vocab_size:
+            raise ValueError(f"tokens of scale {si} must lie in [0, {var_cfg.vocab_size}), got [{t.min()}, {t.max()}]")
+        out.append(t.astype(np.int32))
+    return labels.astype(np.int32), out
+
+
+def capture(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, labels, tokens: Sequence,
+            target: ReconTarget, *, batch_size: int = 8, dtype: Any = jnp.float32,
+            input_policy: Optional[QuantPolicy] = None, quant: Optional[dict] = None,
+            store_dtype: Any = jnp.float32) -> Captured:
+    """FP inputs and outputs of `target` for every calibration sample (CFG-doubled), `batch_size` samples per
+    compiled forward. With `input_policy` (and its `quant` state) the inputs come from that quantized model
+    instead (outputs stay FP); `partial_model_policy` gives the partly reconstructed model."""
+    labels, tokens = check_calibration(var_cfg, labels, tokens)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if input_policy is not None and quant is None:
+        raise ValueError("input_policy needs the quant state it reads (quant=...)")
+    if target not in recon_targets(var_cfg):
+        raise ValueError(f"{target.name!r} is not a reconstruction unit of this model")
+    dtype, store_dtype = jnp.dtype(dtype), jnp.dtype(store_dtype)     # one compile whatever the spelling
+    n = labels.shape[0]
+    bs = min(batch_size, n)
+    slot, block_index = _slot(target.path)
+    ins, outs = [], []
+    for start in range(0, n, bs):
+        idx = np.arange(start, start + bs) % n          # the last batch wraps around; the extra rows are dropped
+        inp, out = _capture_batch(vae_cfg, var_cfg, slot, target.spec.kind == "attn", target.cond_rows_only,
+                                  dtype, input_policy, store_dtype, params,
+                                  quant if input_policy is not None else None, jnp.int32(block_index),
+                                  jnp.asarray(labels[idx]), [jnp.asarray(t[idx]) for t in tokens])
+        keep = min(bs, n - start)
+        ins.append(inp[:keep])
+        outs.append(out[:keep])
+    return Captured(jnp.concatenate(ins), jnp.concatenate(outs))
