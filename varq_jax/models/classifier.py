@@ -19,7 +19,7 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
     num_classes: int = 10
-    widths: tuple = (32, 64, 128, 128)
+    widths: tuple = (32, 64, 96, 128)
     feature_dim: int = 128
     groups: int = 8
 
@@ -55,29 +55,27 @@ def init_params(cfg: ClassifierConfig, key: Array, image_size: int = 64) -> dict
     return Classifier(cfg).init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
 
 
-def _as_model_input(images) -> Array:
-    """uint8 images → [-1, 1] floats; float images are taken to be in [-1, 1] already."""
-    images = jnp.asarray(images)
+def _as_model_input(images: np.ndarray) -> np.ndarray:
+    """uint8 images → [-1, 1] float32; float images are taken to be in [-1, 1] already (host-side, so both kinds
+    share one compiled program)."""
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be NHWC RGB [B, H, W, 3], got shape {images.shape}")
-    if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 127.5 - 1.0
-    return images.astype(jnp.float32)
+        raise ValueError(f"images must be NHWC RGB [N, H, W, 3], got shape {images.shape}")
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 127.5 - 1.0
+    return images.astype(np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _apply(cfg: ClassifierConfig, params, images):
-    return Classifier(cfg).apply({"params": params}, _as_model_input(images))
+    return Classifier(cfg).apply({"params": params}, images)
 
 
 def apply_batched(cfg: ClassifierConfig, params, images, batch_size: int = 256):
     """(logits [N, K], features [N, D]) as NumPy float32, in fixed-size batches (one compilation)."""
-    images = np.asarray(images)
+    images = _as_model_input(np.asarray(images))
     n = images.shape[0]
     if n == 0:
         raise ValueError("no images given")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be NHWC RGB [N, H, W, 3], got shape {images.shape}")
     logits, feats = [], []
     for start in range(0, n, batch_size):
         chunk = images[start:start + batch_size]

@@ -1,0 +1,39 @@
+"""Trains the embedded default model: `--stage=vqvae`, then `var` (needs the VQVAE export), `classifier`, or `all`.
+
+  python -m experiments.train --config=configs/train_default.py --workdir=runs/default --stage=all
+
+Every stage resumes from its last checkpoint in WORKDIR/<stage>/ckpt and ends by writing WORKDIR/<stage>/export
+(params.msgpack + info.json). Override any field with --config.<field>=value.
+"""
+import logging as std_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from varq_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_default.py", "Training configuration.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.", required=True)
+_STAGE = flags.DEFINE_enum("stage", "all", ["all", *train.STAGES], "Which model to train.")
+
+
+def _quiet_orbax(record: std_logging.LogRecord) -> bool:
+    """Drops Orbax's per-save INFO lines, which would bury the progress lines."""
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_logger().addFilter(_quiet_orbax)
+    stages = list(train.STAGES) if _STAGE.value == "all" else [_STAGE.value]
+    for name in stages:
+        path = train.STAGES[name].train_and_export(_CONFIG.value, _WORKDIR.value)
+        if not path:
+            logging.info("stage %s stopped before its last step (stop_at_step); rerun to continue", name)
+            return
+        logging.info("stage %s exported to %s", name, path)
+
+
+if __name__ == "__main__":
+    app.run(main)
