@@ -46,5 +46,6 @@ def scan_blocks(cfg: VARConfig, dtype, policy, block_params, block_quant, x, blo
         vc = jax.lax.dynamic_update_slice(vc, v[None, :, start:end].astype(vc.dtype), (i, 0, start, 0, 0))
         return (h, kc, vc), sown
 
-    (x, kc, vc), sown = jax.lax.scan(body, (x, *cache), (block_params, block_quant, jnp.arange(cfg.depth)))
+    carry = (x.astype(jnp.float32), *cache)      # the residual stream stays float32
+    (x, kc, vc), sown = jax.lax.scan(body, carry, (block_params, block_quant, jnp.arange(cfg.depth)))
     return x, (kc, vc), sown
