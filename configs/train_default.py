@@ -4,11 +4,11 @@
 Stages run in order vqvae → var (trained on the exported VQVAE's tokens) → classifier; each resumes from its
 last checkpoint. Estimated cost on one H100 (XLA cost analysis of the jitted steps; memory traffic is the
 fused per-step byte count of the CPU compilation, a pessimistic stand-in for the GPU's):
-  vqvae       64 img/step  · 6000 steps: 0.45 TFLOP, ~20–30 GB per step  → ~10 ms/step, ~1–1.5 min
+  vqvae       64 img/step  · 8000 steps: 0.45 TFLOP, ~20–30 GB per step  → ~10 ms/step, ~1.5–2 min
   var        256 img/step  · 5000 steps: 1.5 TFLOP (0.19 of it tokenising), ~40–90 GB per step
                                                                            → ~20 ms/step, ~1.5–3 min
   classifier 128 img/step  · 2000 steps: 0.11 TFLOP, ~9 GB per step       → ~4 ms/step, ~10 s
-plus ~2 min of compilation, evaluation and start-up: about 5 min in all, 8 at worst. The logs show steps/s
+plus ~2 min of compilation, evaluation and start-up: about 5–6 min in all, 8 at worst. The logs show steps/s
 and the ETA after the first few hundred steps; scale num_steps if the rate differs.
 Shipped sizes (bf16 kernels): VQVAE 4.0 MB + VAR 15.0 MB + classifier 1.0 MB.
 
@@ -39,7 +39,7 @@ def get_config(arg: str = ""):
                                                    share_quant_resi=4, quant_resi=0.5, beta=0.25,
                                                    using_sa=True, using_mid_sa=True))
     c.vqvae.batch_size = 64
-    c.vqvae.num_steps = 6000
+    c.vqvae.num_steps = 8000
     c.vqvae.compute_dtype = "bfloat16"
     c.vqvae.l1_weight = 1.0
     c.vqvae.l2_weight = 1.0

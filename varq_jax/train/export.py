@@ -1,8 +1,9 @@
 """The shipped form of a trained model: `params.msgpack` (Flax msgpack) + `info.json` (kind, config, metrics).
 
-Kernels of layers that compute in bf16 are stored in bf16: the model casts them to bf16 before every matmul or
-conv anyway, so this halves the file without changing any output of the bf16 model. Biases, norms,
-embedding tables and the float32 parts (the VQVAE's codebook, Phi and quant convs) stay float32.
+Kernels of layers that compute in bf16 are stored in bf16: run in bf16 (the training and sampling dtype) the model
+casts them to bf16 before every matmul or conv anyway, so this halves the file without changing any output; run
+in float32, the stored bf16 values are the model (the evaluations recorded in info.json use them). Biases,
+norms, embedding tables and the float32 parts (the VQVAE's codebook, Phi and quant convs) stay float32.
 """
 import dataclasses
 import json

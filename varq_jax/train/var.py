@@ -115,7 +115,7 @@ def make_train_step(config, cfg: VARConfig, vae: VQVAE, vae_params, tx):
         loss, acc, ce = cross_entropy(logits, targets)
         return loss, (acc, ce[:, -last:].mean())
 
-    def train_step(state: loop.TrainState):
+    def train_step(state: loop.TrainState, vae_params):
         indices = shapes.batch_indices(state.step, tc.batch_size, config.train_images)
         images, labels = shapes.make_batch(config.seed, indices, image_size=config.image_size)
         targets, x_in = tokens(vae, vae_params, images)
@@ -128,7 +128,9 @@ def make_train_step(config, cfg: VARConfig, vae: VQVAE, vae_params, tx):
         metrics = {"loss": loss, "acc": acc, "loss_last_scale": tail, "grad_norm": optim.global_norm(grads)}
         return loop.TrainState(state.step + 1, params, opt_state, {}), metrics
 
-    return loop.jit(train_step, config)
+    # the tokenizer's params are an argument, not closed-over constants baked into the compiled program
+    compiled = loop.jit(train_step, config)
+    return lambda state: compiled(state, vae_params)
 
 
 def evaluate(config, cfg: VARConfig, params, vae: VQVAE, vae_params, num_images: int) -> dict:
@@ -136,7 +138,7 @@ def evaluate(config, cfg: VARConfig, params, vae: VQVAE, vae_params, num_images:
     model = VAR(cfg, jnp.dtype(config.var.compute_dtype))
     batch = min(num_images, config.var.batch_size)
 
-    def run(params, start):
+    def run(params, vae_params, start):
         images, labels = shapes.make_batch(config.seed, start + jnp.arange(batch, dtype=jnp.int32),
                                            split="test", image_size=config.image_size)
         targets, x_in = tokens(vae, vae_params, images)
@@ -148,7 +150,7 @@ def evaluate(config, cfg: VARConfig, params, vae: VQVAE, vae_params, num_images:
     ce, acc = [], []
     run = loop.jit(run, config)
     for start in range(0, num_images - batch + 1, batch):
-        c, a = run(params, start)
+        c, a = run(params, vae_params, start)
         ce.append(np.asarray(c))
         acc.append(np.asarray(a))
     n_batches = len(ce)
