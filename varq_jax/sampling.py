@@ -89,13 +89,14 @@ def keep_mask_at(keep_mask: Array, pn: int) -> Array:
 
 def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant: Optional[dict], labels: Array,
              keys: Array, gt_tokens: Optional[Sequence[Array]] = None, keep_mask: Optional[Array] = None,
-             collect_logits: bool = False, collect_intermediates: bool = False):
+             collect_logits: bool = False, collect_intermediates: bool = False, decode: bool = True):
     """The whole next-scale loop. Returns (images [B, H, W, 3] in [0, 1], tokens per scale[, logits][, sown]).
 
     params: {'vae': ..., 'var': ...}; quant: the VAR's 'quant' collection (None for FP). For editing, gt_tokens are the
     input image's token maps and keep_mask [B, pn_last, pn_last] is 1 where the given tokens are kept; those
     tokens are teacher-forced at every scale. collect_logits adds per-scale (guided, masked) logits;
     collect_intermediates adds per scale what the blocks sowed (e.g. a quantization policy's attention statistics).
+    decode=False returns the final f̂ [B, h, w, Cvae] instead of images (latents, or timing the transformer alone).
     """
     cfg, pns = var.cfg, var.cfg.patch_nums
     b, sn = labels.shape[0], len(pns)
@@ -150,7 +151,7 @@ def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant
         if si < sn - 1:
             x = run(nxt.reshape(b, -1, cfg.cvae), end, method=VAR.embed_next)
             x = jnp.concatenate([x, x], axis=0)
-    images = (vae.apply(vae_vars, f_hat, method=VQVAE.fhat_to_img) + 1) / 2
+    images = (vae.apply(vae_vars, f_hat, method=VQVAE.fhat_to_img) + 1) / 2 if decode else f_hat
     return (images, tokens) + ((logged,) if collect_logits else ()) + ((sown,) if collect_intermediates else ())
 
 

@@ -85,7 +85,12 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
 
 
 def attention(q: Array, k: Array, v: Array, scale: float, mask: Optional[Array] = None) -> Array:
-    """softmax(q·kᵀ·scale [+ mask]) · v with q [B, T, H, D], k/v [B, S, H, D]; logits and softmax in float32."""
+    """softmax(q·kᵀ·scale [+ mask]) · v with q [B, T, H, D], k/v [B, S, H, D]; logits and softmax in float32.
+
+    On GPU with 16-bit inputs and no mask (KV-cached sampling) this is cuDNN's fused flash attention, which never
+    materialises the [B, H, T, S] scores."""
+    if mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu":
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
