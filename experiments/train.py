@@ -3,7 +3,7 @@
   python -m experiments.train --config=configs/train_default.py --workdir=runs/default --stage=all
 
 Every stage resumes from its last checkpoint in WORKDIR/<stage>/ckpt and ends by writing WORKDIR/<stage>/export
-(params.msgpack + info.json). Override any field with --config.<field>=value.
+(an Orbax params/ checkpoint + info.json). Override any field with --config.<field>=value.
 """
 import logging as std_logging
 

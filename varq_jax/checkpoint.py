@@ -79,6 +79,12 @@ def atomic_directory(path: str, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def storage_dtype(params) -> str:
+    """'float32', 'bfloat16', or 'mixed' (e.g. bf16 kernels beside float32 tables)."""
+    dtypes = {str(np.asarray(a).dtype) for a in jax.tree.leaves(params)}
+    return dtypes.pop() if len(dtypes) == 1 else "mixed"
+
+
 def _to_numpy(tree):
     return jax.tree.map(np.asarray, tree)
 
@@ -87,7 +93,7 @@ def save(path: str, vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, *, m
          items: Optional[dict] = None, overwrite: bool = False) -> str:
     """Writes a checkpoint directory atomically; `items` are extra pytrees saved as their own Orbax items."""
     metadata = {"format": FORMAT, "version": FORMAT_VERSION, "vae": config_to_dict(vae_cfg),
-                "var": config_to_dict(var_cfg), "dtype": str(jax.tree.leaves(params)[0].dtype),
+                "var": config_to_dict(var_cfg), "dtype": storage_dtype(params),
                 "items": sorted(items or {}), **(meta or {})}
     metadata.setdefault("provenance", provenance())
     args = {"params": ocp.args.StandardSave(_to_numpy(params)), "metadata": ocp.args.JsonSave(metadata)}
@@ -131,7 +137,8 @@ def load(path: str, *, sharding=None) -> ModelCheckpoint:
     meta = read_metadata(path)
     vae_cfg = config_from_dict(VQVAEConfig, meta["vae"])
     var_cfg = config_from_dict(VARConfig, meta["var"])
-    dtype = np.dtype(meta.get("dtype", "float32"))
+    # bf16 checkpoints stay bf16 (d30/d36 memory); float32 and mixed ones are restored as float32.
+    dtype = np.dtype("bfloat16") if meta.get("dtype") == "bfloat16" else np.dtype("float32")
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), abstract_params(vae_cfg, var_cfg))
     quantized = "quant_policy" in meta
     if quantized:

@@ -108,7 +108,7 @@ def default_classifier_path() -> Optional[str]:
 
 
 def load_classifier(path: str) -> FeatureNet:
-    """An exported classifier (params.msgpack + info.json of kind 'classifier'); refuses an untrained one."""
+    """An exported classifier (Orbax params/ + info.json of kind "classifier"); refuses an untrained one."""
     from varq_jax.models.classifier import ClassifierConfig
     from varq_jax.train import export
     params, info = export.load(path, kind="classifier")

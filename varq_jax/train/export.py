@@ -1,4 +1,4 @@
-"""The shipped form of a trained model: `params.msgpack` (Flax msgpack) + `info.json` (kind, config, metrics).
+"""The shipped form of a trained model: `params/` (an Orbax checkpoint) + `info.json` (kind, config, metrics).
 
 Kernels of layers that compute in bf16 are stored in bf16: run in bf16 (the training and sampling dtype) the model
 casts them to bf16 before every matmul or conv anyway, so this halves the file without changing any output; run
@@ -10,12 +10,12 @@ import json
 import os
 from typing import Callable, Optional
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
-PARAMS_FILE, INFO_FILE = "params.msgpack", "info.json"
+PARAMS_DIR, INFO_FILE = "params", "info.json"
 VQVAE_FLOAT32_MODULES = ("quant_conv", "post_quant_conv", "embedding")   # plus every phi_*
 
 
@@ -48,16 +48,16 @@ def nbytes(params) -> int:
 
 
 def save(directory: str, params, *, kind: str, config, meta: Optional[dict] = None) -> str:
-    """Writes params (as given, e.g. from `cast_kernels`) and info.json; files are replaced atomically."""
-    os.makedirs(directory, exist_ok=True)
+    """Writes params (as given, e.g. from `cast_kernels`) and info.json into a temporary sibling directory that
+    replaces `directory` only when complete."""
+    from varq_jax.checkpoint import atomic_directory
     config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     info = {"kind": kind, "config": config_dict, "bytes": nbytes(params), "meta": meta or {}}
-    blob = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, params))
-    for name, data, mode in ((PARAMS_FILE, blob, "wb"), (INFO_FILE, json.dumps(info, indent=1), "w")):
-        tmp = os.path.join(directory, f".{name}.tmp")
-        with open(tmp, mode) as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(directory, name))
+    with atomic_directory(directory, overwrite=True) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(os.path.abspath(tmp), PARAMS_DIR), jax.tree.map(np.asarray, params))
+        with open(os.path.join(tmp, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=1)
     return directory
 
 
@@ -80,13 +80,13 @@ def load_model(directory: str, kind: str):
 
 def load(directory: str, kind: Optional[str] = None):
     """(params as stored, info dict); raises ValueError if missing or of another kind."""
-    params_path, info_path = os.path.join(directory, PARAMS_FILE), os.path.join(directory, INFO_FILE)
-    if not (os.path.isfile(params_path) and os.path.isfile(info_path)):
-        raise ValueError(f"no exported model in {directory} (need {PARAMS_FILE} and {INFO_FILE})")
+    params_path, info_path = os.path.join(directory, PARAMS_DIR), os.path.join(directory, INFO_FILE)
+    if not (os.path.isdir(params_path) and os.path.isfile(info_path)):
+        raise ValueError(f"no exported model in {directory} (need {PARAMS_DIR}/ and {INFO_FILE})")
     with open(info_path) as f:
         info = json.load(f)
     if kind is not None and info.get("kind") != kind:
         raise ValueError(f"{directory} holds a {info.get('kind')!r} model, expected {kind!r}")
-    with open(params_path, "rb") as f:
-        params = flax.serialization.msgpack_restore(f.read())
-    return params, info
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.abspath(params_path))
+    return jax.tree.map(np.asarray, params), info

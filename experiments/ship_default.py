@@ -1,0 +1,28 @@
+"""Ships trained exports as the embedded default model (varq_jax/assets/default).
+
+  python -m experiments.ship_default --workdir=runs/default --commit=<sha> --device="NVIDIA H100" --date=2026-11-26
+"""
+import os
+
+from absl import app, flags
+
+from varq_jax import cli, default_model
+from varq_jax.train.ship import ship_default
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "runs/default", "training workdir holding vqvae/, var/, classifier/ exports")
+flags.DEFINE_string("commit", None, "commit the training ran at", required=True)
+flags.DEFINE_string("device", None, "card the training ran on", required=True)
+flags.DEFINE_string("date", None, "training date", required=True)
+
+
+def main(argv):
+    del argv
+    cli.quiet_logs()
+    out = ship_default(FLAGS.workdir, str(default_model.ASSETS / "default"), commit=FLAGS.commit,
+                       device=FLAGS.device, date=FLAGS.date)
+    print(f"shipped {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
