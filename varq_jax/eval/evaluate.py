@@ -165,20 +165,23 @@ def load_resources(config: EvalConfig, image_size: int, num_classes: int) -> Res
     else:
         res.notes.append("no Inception weights given (--inception): FID, sFID, IS, precision and recall are not "
                          "computed; convert pytorch-fid's weights with `python -m varq_jax.eval.convert_inception`")
-    check_sizes(res, image_size)
     path = config.classifier or default_classifier_path()
     if path:
         net = load_classifier(path)
-        if net.info["num_classes"] != num_classes and config.classifier:
-            raise ValueError(f"classifier {path} has {net.info['num_classes']} classes, the model {num_classes}")
-        if net.info["num_classes"] == num_classes:
+        if config.classifier:
+            if net.info["num_classes"] != num_classes:
+                raise ValueError(f"classifier {path} has {net.info['num_classes']} classes, the model {num_classes}")
+            res.classifier = net
+        elif net.info["num_classes"] == num_classes and net.image_size in (None, image_size):
             res.classifier = net
         else:
-            res.notes.append(f"the embedded classifier ({net.info['num_classes']} shapes classes) does not fit a "
-                             f"{num_classes}-class model: in-project metrics are not computed")
+            res.notes.append(f"the embedded classifier ({net.info['num_classes']} shapes classes, {net.image_size}px) "
+                             f"does not fit a {num_classes}-class {image_size}px model: in-project metrics are not "
+                             f"computed")
     else:
         res.notes.append("no trained classifier (--classifier DIR, or the embedded one once shipped): the in-project "
                          "class accuracy and classifier Fréchet distances are not computed")
+    check_sizes(res, image_size)
     return res
 
 
