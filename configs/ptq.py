@@ -38,5 +38,5 @@ def make(w_bits: int, a_bits: int, method: str = "full") -> ml_collections.Confi
     c.recon = ml_collections.ConfigDict(dict(
         iters=5000, batch_size=4, lr=1e-4, weight=1e-5, p=2.0, b_start=20.0, b_end=2.0, warmup=0.0,
         inputs="fp"))                  # fp | quant: inputs from the FP model or the partly quantized one
-    c.samples = ml_collections.ConfigDict(dict(num=16, seed=0))   # FP vs quantized comparison grid
+    c.samples = ml_collections.ConfigDict(dict(num=16, seed=0))   # FP vs quantized comparison grid (0: none)
     return c

@@ -43,6 +43,8 @@ def validate_config(config, var_cfg) -> None:
         raise ValueError(f"theta.n_grids must be positive, got {config.theta.n_grids}")
     if not 0 < config.theta.alpha:
         raise ValueError(f"theta.alpha (BOP budget fraction) must be positive, got {config.theta.alpha}")
+    if config.samples.num < 0:
+        raise ValueError(f"samples.num (comparison grid size, 0 = none) must be >= 0, got {config.samples.num}")
     if config.calib.num_samples <= 0 or config.calib.batch_size <= 0:
         raise ValueError("calib.num_samples and calib.batch_size must be positive")
     if not 1 <= config.theta.num_samples <= config.calib.num_samples:

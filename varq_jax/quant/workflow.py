@@ -51,10 +51,11 @@ def quantize_command(config, checkpoint_path, workdir: str, log=print) -> dict:
     report["model"] = default_model.describe(ck)
     report["random_weights"] = bool(ck.meta.get("random_weights", False))
     os.makedirs(workdir, exist_ok=True)
-    t = time.perf_counter()
-    grid = comparison_grid(ck, policy, quant, config.samples.num, config.samples.seed, dtype)
-    image_io.save_png(os.path.join(workdir, "samples.png"), grid)
-    report["stages"]["samples"] = round(time.perf_counter() - t, 3)
+    if config.samples.num > 0:
+        t = time.perf_counter()
+        grid = comparison_grid(ck, policy, quant, config.samples.num, config.samples.seed, dtype)
+        image_io.save_png(os.path.join(workdir, "samples.png"), grid)
+        report["stages"]["samples"] = round(time.perf_counter() - t, 3)
     if config.quantize:
         meta = {"provenance": checkpoint.provenance(source="experiments.quantize", base=checkpoint_path or "default"),
                 "quant_config": config.to_dict(), "theta": report.get("theta")}
@@ -62,5 +63,6 @@ def quantize_command(config, checkpoint_path, workdir: str, log=print) -> dict:
                                   overwrite=True)
     report["stages"]["total"] = round(time.perf_counter() - t0, 3)
     report_lib.write(workdir, report)
-    log(f"wrote {workdir}/report.md, report.json, samples.png" + (", model/" if config.quantize else ""))
+    log(f"wrote {workdir}/report.md, report.json" + (", samples.png" if config.samples.num > 0 else "")
+        + (", model/" if config.quantize else ""))
     return report
