@@ -121,3 +121,19 @@ def test_released_key_counts():
         buffers = 2 + var_cfg.depth      # lvl_1L, attn_bias_for_masking, zero_k_bias per block
         assert n + buffers == n_keys, name
         assert len(traverse_util.flatten_dict(shapes["vae"])) + 1 == 324    # + quantize.ema_vocab_hit_SV
+
+
+def test_load_straight_onto_a_mesh(tmp_path, capsys):
+    """A converted checkpoint restored with a sharding lands on every device of an 8-device mesh."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    rc, out, _ = _convert(tmp_path, FIX + ".vae.pth", FIX + ".var.pth", capsys)
+    assert rc == 0
+    mesh = Mesh(np.array(jax.devices()).reshape(-1), ("data",))
+    assert mesh.devices.size == 8
+    ck = checkpoint.load(str(out), sharding=NamedSharding(mesh, P()))
+    leaf = ck.params["var"]["head"]["kernel"]
+    assert isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(NamedSharding(mesh, P()), leaf.ndim)
+    assert len(leaf.sharding.device_set) == 8
+    plain = checkpoint.load(str(out))
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(plain.params["var"]["head"]["kernel"]))
