@@ -27,6 +27,7 @@ flags.DEFINE_integer("a_bits", 6, "activation bits of the quantized runs")
 flags.DEFINE_integer("n_grids", 10_000, "θ search grid")
 flags.DEFINE_integer("repeats", 5, "timed repetitions (median reported)")
 flags.DEFINE_string("out", None, "JSON output file")
+flags.DEFINE_bool("scan_blocks", True, "scan the VAR blocks (fast compile) or unroll them")
 
 
 def _model(preset: str):
@@ -59,8 +60,9 @@ def _time_sampler(what, sampler, params, quant, batches, repeats, rows):
 def bench_fp(preset, batches, repeats, rows):
     vae_cfg, var_cfg, params = _model(preset)
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-    sampler = sampling.Sampler(vae_cfg, var_cfg, _settings(var_cfg), dtype=jnp.bfloat16)
-    _time_sampler(f"FP sampling {preset} bf16", sampler, params, None, batches, repeats, rows)
+    sampler = sampling.Sampler(vae_cfg, var_cfg, _settings(var_cfg), dtype=jnp.bfloat16, scan_blocks=FLAGS.scan_blocks)
+    what = f"FP sampling {preset} bf16" + ("" if FLAGS.scan_blocks else " unrolled")
+    _time_sampler(what, sampler, params, None, batches, repeats, rows)
 
 
 def bench_quant(preset, batches, repeats, rows):
@@ -85,7 +87,8 @@ def bench_quant(preset, batches, repeats, rows):
     print(f"θ search ({FLAGS.n_grids} grid): first call {first:.3f} s, warm {warm * 1e3:.1f} ms, θ = {theta:.5g} "
           f"(statistics pass incl. compile {stats_s:.1f} s)", flush=True)
     quant = state.set_theta(quant, theta)
-    sampler = sampling.Sampler(vae_cfg, var_cfg, _settings(var_cfg), dtype=jnp.bfloat16, policy=policy)
+    sampler = sampling.Sampler(vae_cfg, var_cfg, _settings(var_cfg), dtype=jnp.bfloat16, policy=policy,
+                               scan_blocks=FLAGS.scan_blocks)
     _time_sampler(f"W{policy.w_bits}A{policy.a_bits} SAS sampling {preset} bf16", sampler, params, quant, batches,
                   repeats, rows)
 
