@@ -1,0 +1,64 @@
+"""The ablation table in one command: PTQ presets × methods on one checkpoint, evaluated alike, one RESULTS.md.
+
+  python -m experiments.ablate --presets=w8a8,w6a6,w4a8,w4a6,w4a4 \\
+      --methods=baseline,brecq,brecq_sas,brecq_resample,full --num_images=500 --out=RESULTS.md \\
+      --workdir=runs/ablate [--checkpoint DIR] [--config.recon.iters=1000 ...]
+
+Without --checkpoint the embedded default model is used. --config.<field>=value overrides go to every PTQ config
+(checked against each preset's fields). Runs whose outputs exist in --workdir are skipped; stopped ones resume.
+The metrics are the in-project classifier's (class accuracy, Fréchet distances of its features), not FID.
+"""
+import shlex
+import sys
+
+from absl import app, flags
+
+from varq_jax import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("presets", ["w8a8", "w6a6", "w4a8", "w4a6", "w4a4"], "PTQ presets (the FP model is always a row)")
+flags.DEFINE_list("methods", ["baseline", "brecq", "brecq_sas", "brecq_resample", "full"], "PTQ methods")
+flags.DEFINE_string("checkpoint", None, "FP checkpoint directory (default: the embedded default model)")
+flags.DEFINE_string("workdir", "runs/ablate", "directory of the runs (PTQ and evaluation outputs, resumable)")
+flags.DEFINE_string("out", "RESULTS.md", "the markdown table (its .json twin is written beside it)")
+flags.DEFINE_integer("num_images", 500, "images per model (labels i mod classes)")
+flags.DEFINE_integer("seed", 0, "image i uses the key fold_in(PRNGKey(seed), i)")
+flags.DEFINE_float("cfg", 1.5, "classifier-free guidance scale")
+flags.DEFINE_integer("top_k", 900, "top-k (clipped to the vocabulary size)")
+flags.DEFINE_float("top_p", 0.96, "top-p in (0, 1]")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "compute dtype of generation")
+flags.DEFINE_integer("per_device_batch", 16, "images per device per generation step")
+flags.DEFINE_integer("feature_batch", 32, "images per device per step of feature extraction")
+flags.DEFINE_string("classifier", None, "exported shapes classifier (default: the embedded one)")
+flags.DEFINE_integer("num_real", 0, "real shapes images for the FD to real (0: as many as --num_images)")
+flags.DEFINE_integer("diag_samples", 8, "calibration samples of the A·V error diagnostic (0: skip it)")
+
+_OVERRIDES = []
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.quiet_logs()
+    from varq_jax.eval.evaluate import EvalConfig
+    from varq_jax.quant import ablation
+    config = EvalConfig(num_images=FLAGS.num_images, seed=FLAGS.seed, cfg=FLAGS.cfg, top_k=FLAGS.top_k,
+                        top_p=FLAGS.top_p, dtype=FLAGS.dtype, per_device_batch=FLAGS.per_device_batch,
+                        feature_batch=FLAGS.feature_batch, classifier=FLAGS.classifier, num_real=FLAGS.num_real)
+    command = "python -m experiments.ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:] + _OVERRIDES)
+    try:
+        if FLAGS.num_images <= 0:
+            raise ValueError(f"--num_images must be positive, got {FLAGS.num_images}")
+        result = ablation.run_ablation(FLAGS.presets, FLAGS.methods, config, FLAGS.workdir, FLAGS.out,
+                                       checkpoint=FLAGS.checkpoint,
+                                       overrides=ablation.parse_override_args(_OVERRIDES),
+                                       diag_samples=FLAGS.diag_samples, command=command)
+    except ValueError as e:                  # bad input, reported before any work
+        sys.exit(f"error: {e}")
+    print("\n".join(ablation.table(result["rows"])))
+
+
+if __name__ == "__main__":
+    _OVERRIDES[:] = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    sys.argv = [a for a in sys.argv if not a.startswith("--config.")]
+    app.run(main)

@@ -1,0 +1,245 @@
+"""The ablation driver and the diagnostics.
+
+The driver runs on a saved tiny random-weight checkpoint with a random-weight classifier whose export claims
+training (a plumbing fixture, as in test_evaluate): a full PTQ + evaluation of the shipped 64-px model per row takes
+about a minute on a 2-core CPU. Its numbers only check that the table reports each run's own results. The A·V
+diagnostic is checked on the shipped model against an independent NumPy computation.
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_generate import FAST, random_like, small_model
+from varq_jax import checkpoint, default_model
+from varq_jax.eval.evaluate import EvalConfig
+from varq_jax.models import classifier as clf
+from varq_jax.models.var import VAR
+from varq_jax.models.vqvae import VQVAE
+from varq_jax.quant import ablation, calibration, diagnostics, pipeline
+from varq_jax.quant.policy import QuantPolicy
+from varq_jax.train import export
+from configs import ptq
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = {"calib.num_samples": "4", "calib.batch_size": "4", "recon.iters": "5", "samples.num": "2",
+             "dtype": "float32", "theta.n_grids": "1000"}
+EVAL = EvalConfig(num_images=20, per_device_batch=2, shard_size=2, feature_batch=2, dtype="float32", top_k=16,
+                  compiler_options=tuple(FAST.items()))
+
+
+# --- the driver on a tiny checkpoint --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablate")
+    m = small_model()
+    checkpoint.save(str(root / "model"), m.vae_cfg, m.var_cfg, m.params, meta=m.meta)
+    cfg = clf.ClassifierConfig(num_classes=10, widths=(8, 16), feature_dim=8, groups=8)
+    params = random_like(jax.eval_shape(lambda: clf.init_params(cfg, jax.random.PRNGKey(3), 16)))
+    export.save(str(root / "clf"), params, kind="classifier", config=cfg, meta={"steps": 1, "eval": {"acc": 1.0}})
+    return root
+
+
+@pytest.fixture(scope="module")
+def ablation_run(inputs):
+    logs = []
+    result = ablation.run_ablation(["w4a6"], ["baseline", "brecq"],
+                                   dataclasses.replace(EVAL, classifier=str(inputs / "clf")), str(inputs / "wd"),
+                                   str(inputs / "RESULTS.md"), checkpoint=str(inputs / "model"), overrides=OVERRIDES,
+                                   diag_samples=2, command="test", log=logs.append)
+    return inputs, result, logs
+
+
+def test_table_rows_are_the_runs_own_results(ablation_run):
+    root, result, _ = ablation_run
+    rows = json.load(open(root / "RESULTS.json"))["rows"]
+    assert rows == result["rows"]
+    assert [r["name"] for r in rows] == ["fp", "w4a6_baseline", "w4a6_brecq"]
+    for r in rows:
+        ev = json.load(open(root / "wd" / r["name"] / "eval" / "results.json"))
+        m = ev["metrics"]
+        assert r["num_images"] == ev["samples"]["num_images"] == 20
+        assert r["class_accuracy"] == m["class_accuracy"] and r["fd_real"] == m["fd_classifier_real"]
+        assert r["fd_fp"] == m.get("fd_classifier_vs_ref_samples")
+        if r["name"] == "fp":
+            assert r["fd_fp"] is None and r["ptq_s"] is None
+            continue
+        rep = json.load(open(root / "wd" / r["name"] / "ptq" / "report.json"))
+        assert ev["references"]["ref_samples"] == str(root / "wd" / "fp" / "eval" / "samples.npz")
+        assert r["bops_quantized"] == rep["bops"]["quantized"]
+        assert r["bops_with_sas"] == rep["bops"]["quantized_with_sas"]
+        assert r["ptq_s"] == rep["stages"]["total"] and r["theta"] == rep.get("theta") is None
+        assert (r["w_bits"], r["a_bits"]) == (4, 6) == (rep["config"]["w_bits"], rep["config"]["a_bits"])
+        assert rep["config"]["recon"]["iters"] == 5 and rep["config"]["calib"]["num_samples"] == 4   # overrides
+        assert ("reconstruction" in rep) == (r["method"] == "brecq")
+    md = (root / "RESULTS.md").read_text()
+    assert "not FID" in md and "Command: `test`" in md and "RANDOM WEIGHTS" in md
+    table = [line for line in md.splitlines() if line.startswith("| FP |") or line.startswith("| W4A6 |")]
+    assert len(table) == 3
+    for line, r in zip(table, rows):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == r["method"] and cells[2] == f"{r['class_accuracy']:.4f}"
+        assert cells[3] == f"{r['fd_real']:.4g}" and cells[5] == f"{r['bops_quantized'] / 1e9:.3f} G"
+        assert cells[9] == f"{r['eval_s']:.1f}"
+
+
+def test_diagnostics_and_findings_in_the_results(ablation_run):
+    root, result, _ = ablation_run
+    (d,) = result["diagnostics"]["av_error"]
+    assert d["a_bits"] == 6 and d["theta"] > 0 and d["tokens_from"] == "w4a6_baseline"
+    assert len(d["plain"]) == len(d["shift_and_sum"]) == 3
+    assert result["diagnostics"]["frequency_mismatch"] == []            # neither method resamples
+    base, brecq = result["rows"][1:]
+    line = next(f for f in result["findings"] if "reconstruction (baseline → brecq)" in f)
+    word = lambda a, b: "equal" if a == b else ("better" if b < a else "worse")
+    assert f"FD to FP {base['fd_fp']:.4g} → {brecq['fd_fp']:.4g} ({word(base['fd_fp'], brecq['fd_fp'])})" in line
+    md = (root / "RESULTS.md").read_text()
+    assert "## What the numbers show" in md and "A·V relative L2 error per scale, A6" in md
+
+
+def test_second_call_skips_finished_runs_and_a_changed_config_is_refused(ablation_run):
+    root, result, _ = ablation_run
+    logs = []
+    again = ablation.run_ablation(["w4a6"], ["baseline", "brecq"],
+                                  dataclasses.replace(EVAL, classifier=str(root / "clf")), str(root / "wd"),
+                                  str(root / "RESULTS2.md"), checkpoint=str(root / "model"), overrides=OVERRIDES,
+                                  diag_samples=2, command="test", log=logs.append)
+    assert again["rows"] == result["rows"]
+    assert sum("skipped" in s for s in logs) == 5               # fp eval, 2 × (PTQ, eval)
+    with pytest.raises(ValueError, match="another config"):
+        ablation.run_ablation(["w4a6"], ["brecq"], dataclasses.replace(EVAL, classifier=str(root / "clf")),
+                              str(root / "wd"), str(root / "R3.md"), checkpoint=str(root / "model"),
+                              overrides={**OVERRIDES, "recon.iters": "6"}, log=lambda s: None)
+    assert not (root / "R3.md").exists()
+
+
+@pytest.mark.parametrize("presets, methods, overrides, message", [
+    (["w4a7"], ["brecq"], {}, "unknown preset"),
+    (["fp"], ["brecq"], {}, "always the first row"),
+    (["w4a6"], ["brecq", "sas"], {}, "unknown method"),
+    (["w4a6"], ["brecq"], {"recon.iterz": "5"}, "unknown config field"),
+    (["w4a6"], ["brecq"], {"recon.iters": "many"}, "recon.iters"),
+    (["w4a6"], ["brecq"], {"shift_and_sum": "true"}, "set by the preset and method"),
+])
+def test_bad_names_fail_before_any_work(tmp_path, presets, methods, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ablation.run_ablation(presets, methods, EVAL, str(tmp_path / "wd"), str(tmp_path / "R.md"),
+                              overrides=overrides, log=lambda s: None)
+    assert not (tmp_path / "wd").exists() and not (tmp_path / "R.md").exists()
+
+
+def test_cli_bad_input_is_a_clean_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "experiments.ablate", "--presets=w4a6,w9a9", f"--workdir={tmp_path}/wd",
+                        "--config.recon.iters=5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "unknown preset(s) w9a9" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "wd").exists()
+
+
+# --- the A·V diagnostic on the shipped model ----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _CaptureQKV(QuantPolicy):
+    """FP forward that records every attention call's q, k, v."""
+    weights: bool = False
+    acts: bool = False
+
+    def attention(self, module, q, k, v, scale):
+        module.sow("intermediates", "qkv", (q, k, v))
+        probs = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q * scale, k), axis=-1)
+        return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+def _log2_quant(p, bits):
+    n = 2 ** bits
+    delta = np.maximum(p.max(-1, keepdims=True), 1e-6)
+    code = np.round(-np.log2(p / delta + 1e-20))
+    return np.where(code >= n, 0.0, delta * 2.0 ** -np.clip(code, 0, n - 1))
+
+
+def _v_quant(v, orders, bits):
+    """V [B, S, H, D], one (Δ, zp) per (batch, head); a token of order k averages 2^k shifted roundings."""
+    n = 2 ** bits
+    hi, lo = v.max(axis=(1, 3), keepdims=True), v.min(axis=(1, 3), keepdims=True)
+    delta = np.maximum((hi - lo) / (n - 1), 1e-6)
+    zp = -np.round(lo / delta)
+    x = v / delta
+    code = np.round(x)
+    for k in (1, 2, 3):
+        shifts = [(2 * i + 1) / 2 ** (k + 1) for i in range(-2 ** (k - 1), 2 ** (k - 1))]
+        avg = np.mean([np.round(x + s) for s in shifts], axis=0)
+        code = np.where((orders == k)[..., None], avg, code)
+    return (np.clip(code + zp, 0, n - 1) - zp) * delta
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if default_model.default_path() is None:
+        pytest.fail("the embedded default model is not shipped")
+    ck = default_model.load_model(None)
+    c = ptq.make(4, 6)
+    labels = calibration.calibration_labels(2, ck.var_cfg.num_classes, c.calib.seed)
+    cal = calibration.generate_calibration(ck.vae_cfg, ck.var_cfg, ck.params, labels, c.calib.seed,
+                                           pipeline.calib_settings(c, ck.var_cfg), 2, jnp.float32, keep_probs=False)
+    return ck, cal.labels, cal.tokens
+
+
+def test_av_error_equals_a_direct_computation(shipped):
+    ck, labels, tokens = shipped
+    cfg, theta, bits, block, scale = ck.var_cfg, 0.02, 6, 3, 5
+    sums = diagnostics.av_error_sums(ck, labels, tokens, bits, theta)
+    assert sums.shape == (cfg.depth, cfg.num_scales, 3)
+
+    x = VQVAE(ck.vae_cfg).apply({"params": ck.params["vae"]}, tokens, method=VQVAE.idx_to_var_input)
+    both = jnp.concatenate([jnp.asarray(labels), jnp.full(len(labels), cfg.num_classes, jnp.int32)])
+    _, sown = VAR(cfg, jnp.float32, _CaptureQKV(w_bits=8, a_bits=bits)).apply(
+        {"params": ck.params["var"]}, both, jnp.concatenate([x, x]), mutable=["intermediates"])
+    q, k, v = (np.asarray(t, np.float64) for t in sown["intermediates"][f"blocks_{block}"]["attn"]["qkv"][scale])
+    begin, end = cfg.begin_ends[scale]
+    assert q.shape[1] == end - begin and k.shape[1] == v.shape[1] == end
+
+    logits = np.einsum("bthd,bshd->bhts", q * cfg.attn_scale, k)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    fp = np.einsum("bhts,bshd->bthd", probs, v)
+    mean = probs.mean(axis=2)                                            # [B, H, S]
+    orders = sum((mean > theta * 2.0 ** j).astype(int) for j in range(3)).transpose(0, 2, 1)
+    assert orders.max() >= 1                                             # some tokens do get shifted copies
+    p_hat = _log2_quant(probs, bits)
+    sas = np.einsum("bhts,bshd->bthd", p_hat, _v_quant(v, orders, bits))
+    plain = np.einsum("bhts,bshd->bthd", p_hat, _v_quant(v, np.zeros_like(orders), bits))
+    want = [np.sum((sas - fp) ** 2), np.sum((plain - fp) ** 2), np.sum(fp ** 2)]
+    np.testing.assert_allclose(sums[block, scale], want, rtol=1e-5)
+
+    rel = diagnostics.av_error(ck, labels, tokens, bits, theta)
+    per_scale = sums.sum(0)
+    np.testing.assert_allclose(rel["plain"], np.sqrt(per_scale[:, 1] / per_scale[:, 2]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("bits, theta", [(6, 0.01), (4, 0.05)])
+def test_shift_and_sum_error_is_at_most_plain_on_the_shipped_model(shipped, bits, theta):
+    ck, labels, tokens = shipped
+    d = diagnostics.av_error(ck, labels, tokens, bits, theta)
+    assert all(0 < s <= p for s, p in zip(d["shift_and_sum"], d["plain"])), d
+    assert sum(d["shift_and_sum"]) < sum(d["plain"])
+    off = diagnostics.av_error(ck, labels, tokens, bits, 1e9)           # θ above every mean: all orders 0
+    assert off["shift_and_sum"] == off["plain"] == d["plain"]
+
+
+def test_model_theta_reads_the_quant_collection():
+    var_params = small_model().params["var"]
+    assert diagnostics.model_theta(diagnostics.theta_tree(var_params, 0.03)) == pytest.approx(0.03)
+    with pytest.raises(ValueError, match="single positive"):
+        diagnostics.model_theta({})
+
+
+def test_frequency_mismatch_is_read_from_the_report():
+    assert diagnostics.frequency_mismatch({"stages": {}}) is None
+    fm = {"before": [0.5, 0.25], "after": [0.0, 0.125]}
+    assert diagnostics.frequency_mismatch({"frequency_mismatch": fm}) == fm
+    with pytest.raises(ValueError, match="malformed"):
+        diagnostics.frequency_mismatch({"frequency_mismatch": {"before": [0.1], "after": []}})
