@@ -140,15 +140,19 @@ def run_ptq(ck: ModelCheckpoint, config, workdir: str, log: Callable = print,
     # 3. θ before reconstruction
     theta_keys = calibration.per_image_keys(config.calib.seed + 1, np.arange(config.theta.num_samples))
     theta_labels = calib.labels[:config.theta.num_samples]
-    if policy.shift_and_sum:
-        with _timed(report, "theta", log):
-            theta, note, extra = _search_theta(ck, search_policy, quant, theta_labels, theta_keys, settings, config,
+
+    def theta_stage(stage: str, stage_policy, quant, key: str):
+        with _timed(report, stage, log):
+            theta, note, extra = _search_theta(ck, stage_policy, quant, theta_labels, theta_keys, settings, config,
                                                dtype)
-            quant = state.set_theta(quant, theta)
-            report["theta_before_reconstruction"], report["sas_extra_bops"] = theta, extra
+            report[key], report["sas_extra_bops"] = theta, extra
             if note:
                 report["theta_note"] = note
             log(f"  θ = {theta:.6g} {note}")
+        return state.set_theta(quant, theta)
+
+    if policy.shift_and_sum:
+        quant = theta_stage("theta", search_policy, quant, "theta_before_reconstruction")
     # 4. resampling
     if config.resampling and not wd.done("calibration"):
         with _timed(report, "resampling", log):
@@ -173,12 +177,7 @@ def run_ptq(ck: ModelCheckpoint, config, workdir: str, log: Callable = print,
             report["reconstruction"] = recon_report
         # 6. θ again, with the learned rounding
         if policy.shift_and_sum:
-            with _timed(report, "theta_after", log):
-                theta, note, extra = _search_theta(ck, policy, quant, theta_labels, theta_keys, settings, config,
-                                                   dtype)
-                quant = state.set_theta(quant, theta)
-                report["theta"], report["sas_extra_bops"] = theta, extra
-                log(f"  θ = {theta:.6g} {note}")
+            quant = theta_stage("theta_after", policy, quant, "theta")
     if policy.shift_and_sum:
         report.setdefault("theta", report.get("theta_before_reconstruction"))
     report["bops"] = bops_report(var_cfg, policy, report.get("sas_extra_bops", 0.0))
