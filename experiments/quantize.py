@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from varq_jax import cli, default_model
+from varq_jax import cli
 from varq_jax.quant import workflow
 
 FLAGS = flags.FLAGS

@@ -4,7 +4,6 @@
   python -m experiments.sample --task inpaint --image in.png --box 0.2,0.2,0.8,0.8 --out OUT
 """
 import os
-import sys
 
 import jax
 import jax.numpy as jnp

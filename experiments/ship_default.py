@@ -2,7 +2,6 @@
 
   python -m experiments.ship_default --workdir=runs/default --commit=<sha> --device="NVIDIA H100" --date=2026-11-26
 """
-import os
 
 from absl import app, flags
 

@@ -1,7 +1,6 @@
 """Shared command-line plumbing: config presets by name, checked overrides, quiet logs."""
 import importlib.util
 import os
-import sys
 
 import configs as _configs_pkg
 

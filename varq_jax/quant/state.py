@@ -7,7 +7,6 @@ threshold 'theta'. The same tree stores integer weight codes for checkpoints (W4
 import fnmatch
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util

@@ -3,7 +3,6 @@
 Outputs in WORKDIR: model/ (the quantized Orbax checkpoint: integer codes + scales), report.json, report.md,
 samples.png (FP row above the quantized row, same labels and keys); WORKDIR/state/ keeps the resumable stages.
 """
-import dataclasses
 import os
 import time
 
