@@ -115,7 +115,8 @@ def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant
         block_params = stack.stack_blocks(var_params, cfg.depth)
         block_quant = stack.stack_blocks(quant, cfg.depth) if quant is not None else None
         caches = stack.init_stacked_cache(cfg, 2 * b, var.dtype)
-        block_cond = run(cond, method=VAR.block_condition)
+        six = stack.block_modulations(cfg, var.dtype, var.policy, block_params, block_quant,
+                                      run(cond, method=VAR.block_condition))
     else:
         caches = init_cache(cfg, 2 * b, var.dtype)
     f_hat = jnp.zeros((b, pns[-1], pns[-1], cfg.cvae), jnp.float32)
@@ -123,8 +124,8 @@ def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant
     for si, ((start, end), pn) in enumerate(zip(cfg.begin_ends, pns)):
         ratio = si / (sn - 1) if sn > 1 else 0.0
         if scanned:
-            hidden, caches, inter = stack.scan_blocks(cfg, var.dtype, var.policy, block_params, block_quant, x,
-                                                      block_cond, caches, start, collect_intermediates)
+            hidden, caches, inter = stack.scan_blocks(cfg, var.dtype, var.policy, block_params, block_quant, x, six,
+                                                      caches, start, collect_intermediates)
             logits = run(hidden, cond, method=VAR.logits)
             if collect_intermediates:
                 sown.append(stack.unstack_blocks(inter, cfg.depth))

@@ -5,10 +5,14 @@ block per scale. The cache is one [depth, B, L, H, D] buffer per k and v, update
 exactly its visible prefix. The per-block modules are the same `AdaLNBlock`s (their params/quant trees are
 relative to the block, so module-path patterns that name blocks need the unrolled `VAR.step`).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from varq_jax.models.var import AdaLNBlock, VARConfig
+
+SCAN_UNROLL = 1
 
 
 def stack_blocks(tree: dict, depth: int):
@@ -25,27 +29,40 @@ def init_stacked_cache(cfg: VARConfig, batch: int, dtype) -> tuple:
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
-def scan_blocks(cfg: VARConfig, dtype, policy, block_params, block_quant, x, block_cond, cache, start: int,
+def block_modulations(cfg: VARConfig, dtype, policy, block_params, block_quant, block_cond):
+    """Every block's AdaLN chunks [depth, B, 6, C] at once: they depend on the class only, not on the scale."""
+    block = AdaLNBlock(cfg, dtype, policy)
+
+    def one(p, q):
+        return block.apply({"params": p, **({"quant": q} if q is not None else {})}, block_cond,
+                           method=AdaLNBlock.modulation)
+    return jax.vmap(one)(block_params, block_quant)
+
+
+def scan_blocks(cfg: VARConfig, dtype, policy, block_params, block_quant, x, six, cache, start: int,
                 collect: bool = False):
-    """All blocks on the tokens x [B, n, C] at positions [start, start + n). Returns (x, cache, sown), where sown
-    holds the blocks' 'intermediates' stacked over depth (empty unless `collect`)."""
+    """All blocks on the tokens x [B, n, C] at positions [start, start + n), with `block_modulations` six.
+    Returns (x, cache, sown), where sown holds the blocks' 'intermediates' stacked over depth (empty unless
+    `collect`)."""
     block = AdaLNBlock(cfg, dtype, policy)
     end = start + x.shape[1]
 
     def body(carry, xs):
         h, kc, vc = carry
-        p, q, i = xs
+        p, q, m, i = xs
         visible = tuple(jax.lax.dynamic_slice_in_dim(c, i, 1, axis=0)[0, :, :end] for c in (kc, vc))
         variables = {"params": p, **({"quant": q} if q is not None else {})}
+        apply = functools.partial(block.apply, variables, h, m, visible, start, method=AdaLNBlock.modulated)
         if collect:
-            (h, (k, v)), sown = block.apply(variables, h, block_cond, visible, start, mutable=["intermediates"])
+            (h, (k, v)), sown = apply(mutable=["intermediates"])
             sown = sown.get("intermediates", {})
         else:
-            (h, (k, v)), sown = block.apply(variables, h, block_cond, visible, start), {}
+            (h, (k, v)), sown = apply(), {}
         kc = jax.lax.dynamic_update_slice(kc, k[None, :, start:end].astype(kc.dtype), (i, 0, start, 0, 0))
         vc = jax.lax.dynamic_update_slice(vc, v[None, :, start:end].astype(vc.dtype), (i, 0, start, 0, 0))
         return (h, kc, vc), sown
 
     carry = (x.astype(jnp.float32), *cache)      # the residual stream stays float32
-    (x, kc, vc), sown = jax.lax.scan(body, carry, (block_params, block_quant, jnp.arange(cfg.depth)))
+    (x, kc, vc), sown = jax.lax.scan(body, carry, (block_params, block_quant, six, jnp.arange(cfg.depth)),
+                                     unroll=SCAN_UNROLL)
     return x, (kc, vc), sown

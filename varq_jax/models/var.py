@@ -118,11 +118,13 @@ class Dense(nn.Module):
 
 
 def dense(x: Array, kernel: Array, bias: Optional[Array], dtype, out_dtype=None) -> Array:
-    """x·W + b in `dtype` with float32 accumulation; the result in `out_dtype` (default `dtype`)."""
-    y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    """x·W + b with inputs in `dtype`, float32 accumulation, the product and bias in `out_dtype` (default
+    `dtype`): as torch autocast's Linear, so a 16-bit GEMM writes 16-bit outputs with the bias in its epilogue."""
+    out_dtype = out_dtype or dtype
+    y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype), preferred_element_type=out_dtype)
     if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(out_dtype or dtype)
+        y = y + bias.astype(out_dtype)
+    return y
 
 
 class SelfAttention(nn.Module):
@@ -183,28 +185,40 @@ class FFN(nn.Module):
 
 
 class AdaLNBlock(nn.Module):
-    """x += γ₁·Attn(LN(x)(1+s₁)+b₁); x += γ₂·FFN(LN(x)(1+s₂)+b₂); chunks γ₁ γ₂ s₁ s₂ b₁ b₂."""
+    """x += γ₁·Attn(LN(x)(1+s₁)+b₁); x += γ₂·FFN(LN(x)(1+s₂)+b₂); chunks γ₁ γ₂ s₁ s₂ b₁ b₂.
+
+    `modulation(cond)` gives the six chunks; they depend on the class only, so the sampler computes them once
+    per image and passes them to `modulated` at every scale (`__call__` does both)."""
     cfg: VARConfig
     dtype: Any = jnp.float32
     policy: Any = None
 
-    @nn.compact
-    def __call__(self, x: Array, cond: Array, cache=None, start: int = 0):
+    def setup(self):
         cfg, c = self.cfg, self.cfg.width
         if cfg.shared_aln:
-            ada_gss = self.param("ada_gss", nn.initializers.normal(c ** -0.5), (6, c), jnp.float32)
-            six = ada_gss + cond.astype(jnp.float32)                   # cond is the shared [B, 6, C]
+            self.ada_gss = self.param("ada_gss", nn.initializers.normal(c ** -0.5), (6, c), jnp.float32)
         else:
-            six = Dense(6 * c, "ada_lin", dtype=self.dtype, policy=self.policy, name="ada_lin")(nn.silu(cond))
-            six = six.astype(jnp.float32).reshape(-1, 6, c)
+            self.ada_lin = Dense(6 * c, "ada_lin", dtype=self.dtype, policy=self.policy)
+        self.attn = SelfAttention(cfg, self.dtype, self.policy)
+        self.ffn = FFN(cfg, self.dtype, self.policy)
+
+    def modulation(self, cond: Array) -> Array:
+        """[B, 6, C] float32 from the block condition (the shared [B, 6, C] projection, or the class embedding)."""
+        if self.cfg.shared_aln:
+            return self.ada_gss + cond.astype(jnp.float32)
+        return self.ada_lin(nn.silu(cond)).astype(jnp.float32).reshape(-1, 6, self.cfg.width)
+
+    def modulated(self, x: Array, six: Array, cache=None, start: int = 0):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (six[:, None, i] for i in range(6))
-        ln = lambda t: layer_norm(t, cfg.norm_eps)
-        a, cache = SelfAttention(cfg, self.dtype, self.policy, name="attn")(
-            (ln(x) * (1 + scale1) + shift1).astype(self.dtype), cache, start)
+        ln = lambda t: layer_norm(t, self.cfg.norm_eps)
+        a, cache = self.attn((ln(x) * (1 + scale1) + shift1).astype(self.dtype), cache, start)
         x = x + a.astype(jnp.float32) * gamma1
-        f = FFN(cfg, self.dtype, self.policy, name="ffn")((ln(x) * (1 + scale2) + shift2).astype(self.dtype))
+        f = self.ffn((ln(x) * (1 + scale2) + shift2).astype(self.dtype))
         x = x + f.astype(jnp.float32) * gamma2
         return x, cache
+
+    def __call__(self, x: Array, cond: Array, cache=None, start: int = 0):
+        return self.modulated(x, self.modulation(cond), cache, start)
 
 
 class VAR(nn.Module):
