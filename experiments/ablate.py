@@ -59,6 +59,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.configure_xla()
     _OVERRIDES[:] = [a for a in sys.argv[1:] if a.startswith("--config.")]
     sys.argv = [a for a in sys.argv if not a.startswith("--config.")]
     app.run(main)

@@ -1,6 +1,9 @@
-"""Sampling throughput of random-weight VAR presets (FP and W4A6 shift-and-sum) and the θ search time.
+"""Sampling throughput of random-weight VAR presets (FP and W4A6 shift-and-sum), the θ search time, sharded
+evaluation throughput over 1..N devices, and random-weight checkpoints for timing whole pipelines.
 
   python -m experiments.benchmark --presets d16,d30 --batches 8,64 --quant_presets d16 --out bench.json
+  python -m experiments.benchmark --presets "" --quant_presets "" --eval_presets d16 --eval_devices 1,2
+  python -m experiments.benchmark --presets "" --quant_presets "" --save_random d16:runs/d16_random
 
 Compile time is measured separately (lower + compile) and excluded from the steady-state timings.
 """
@@ -12,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from varq_jax import benchmarking, sampling
+from varq_jax import benchmarking, cli, sampling
 from varq_jax.models import zoo
 from varq_jax.models.build import init_params
 from varq_jax.quant import bops, calibration, state, theta as theta_lib
@@ -28,6 +31,15 @@ flags.DEFINE_integer("n_grids", 10_000, "θ search grid")
 flags.DEFINE_integer("repeats", 5, "timed repetitions (median reported)")
 flags.DEFINE_string("out", None, "JSON output file")
 flags.DEFINE_bool("scan_blocks", True, "scan the VAR blocks (fast compile) or unroll them")
+flags.DEFINE_string("eval_presets", "", "presets for sharded generation throughput at the evaluation settings")
+flags.DEFINE_string("eval_devices", "1", "device counts for the sharded generation and feature throughput")
+flags.DEFINE_integer("eval_batch", 64, "images per device per generation step")
+flags.DEFINE_integer("eval_steps", 4, "timed generation steps per device count (after a warm-up step)")
+flags.DEFINE_float("eval_theta", 0.0036, "θ of the W4A6 evaluation rows (the 10k-grid search result for random "
+                   "d16; throughput barely depends on it)")
+flags.DEFINE_integer("feature_batch", 200, "images per device per Inception step (0: skip the feature rows)")
+flags.DEFINE_string("save_random", "", "PRESET:DIR writes a random-weight checkpoint of a preset (e.g. to time "
+                    "`experiments.quantize` on d16)")
 
 
 def _model(preset: str):
@@ -93,17 +105,98 @@ def bench_quant(preset, batches, repeats, rows):
                   repeats, rows)
 
 
+def _eval_row(rows, what, n_dev, per_step, seconds, **extra):
+    rate = per_step / seconds
+    rows.append({"what": what, "devices": n_dev, "images_per_step": per_step, "s_per_step": seconds,
+                 "img_per_s": rate, "projected_50k_s": 50_000 / rate, **extra})
+    print(f"{what:<44} devices {n_dev}  {per_step:5d} img/step  {seconds * 1e3:8.1f} ms/step  {rate:8.1f} img/s  "
+          f"50k images: {50_000 / rate / 60:6.1f} min", flush=True)
+    _save(rows)
+
+
+def bench_eval(preset, device_counts, rows):
+    """The sharded generation program of `experiments.evaluate` (uint8 images out, batch split over 'data')."""
+    from varq_jax import parallel
+    from varq_jax.eval import generate
+    vae_cfg, var_cfg, params = _model(preset)
+    settings = _settings(var_cfg)
+    policy = QuantPolicy(w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits, shift_and_sum=True)
+    quant = state.set_theta(jax.jit(state.init_quant_state, static_argnums=1)(params["var"], policy),
+                            FLAGS.eval_theta)
+    for name, pol, q in (("FP", None, None), (f"W{policy.w_bits}A{policy.a_bits} SAS", policy, quant)):
+        for n_dev in device_counts:
+            mesh = parallel.make_mesh(devices=jax.devices()[:n_dev])
+            spec = generate.params_spec(params)
+            gen = generate.compiled_generator(vae_cfg, var_cfg, settings, jnp.bfloat16, pol, mesh, spec)
+            placed = parallel.put_tree(params, parallel.param_shardings(params, mesh))
+            rep = parallel.replicated(mesh)
+            q_placed = parallel.put_tree(q, rep) if q is not None else None
+            per_step = FLAGS.eval_batch * n_dev
+            data = parallel.batch_sharding(mesh)
+            seed = parallel.put_global(np.asarray(0, np.uint32), rep)
+
+            def step(i):
+                idx = np.arange(i * per_step, (i + 1) * per_step, dtype=np.int32)
+                labels = parallel.put_global(idx % var_cfg.num_classes, data)
+                return gen(placed, q_placed, seed, labels, parallel.put_global(idx, data), None, None)
+            t = time.perf_counter()
+            jax.block_until_ready(step(0))
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            for i in range(1, FLAGS.eval_steps + 1):
+                out = step(i)
+            jax.block_until_ready(out)
+            _eval_row(rows, f"sharded generation {preset} {name} bf16", n_dev, per_step,
+                      (time.perf_counter() - t) / FLAGS.eval_steps, first_step_incl_compile_s=first)
+
+
+def bench_features(device_counts, rows):
+    """InceptionV3 (FID network, random weights: throughput only) on 256² uint8 images, data-parallel."""
+    from varq_jax import parallel
+    from varq_jax.eval import evaluate, inception
+    net = evaluate.FeatureNet("inception", evaluate._inception_apply,
+                              jax.jit(inception.init_variables)(jax.random.PRNGKey(0)), None, "random")
+    for n_dev in device_counts:
+        mesh = parallel.make_mesh(devices=jax.devices()[:n_dev])
+        per_step = FLAGS.feature_batch * n_dev
+        images = np.random.RandomState(0).randint(0, 256, (per_step, 256, 256, 3), np.uint8)
+        run = lambda k: evaluate.extract_features(net, [images] * k, mesh, FLAGS.feature_batch)
+        jax.block_until_ready(run(1))
+        t = time.perf_counter()
+        run(FLAGS.eval_steps)
+        _eval_row(rows, "Inception features (pool/spatial/logits)", n_dev, per_step,
+                  (time.perf_counter() - t) / FLAGS.eval_steps)
+
+
+def save_random(spec: str):
+    from varq_jax import checkpoint
+    preset, path = spec.split(":", 1)
+    vae_cfg, var_cfg, params = _model(preset)
+    checkpoint.save(path, vae_cfg, var_cfg, params,
+                    meta={"random_weights": True, "description": f"RANDOM-WEIGHT {preset} (benchmarks only)"})
+    print(f"wrote random-weight {preset} to {path}", flush=True)
+
+
 def main(argv):
     del argv
+    cli.quiet_logs()
     print(benchmarking.device_name(), flush=True)
+    if FLAGS.save_random:
+        save_random(FLAGS.save_random)
     batches = [int(b) for b in FLAGS.batches.split(",")]
     rows = []
     for p in filter(None, FLAGS.presets.split(",")):
         bench_fp(p, batches, FLAGS.repeats, rows)
     for p in filter(None, FLAGS.quant_presets.split(",")):
         bench_quant(p, batches, FLAGS.repeats, rows)
+    device_counts = [int(n) for n in FLAGS.eval_devices.split(",")]
+    for p in filter(None, FLAGS.eval_presets.split(",")):
+        bench_eval(p, device_counts, rows)
+    if FLAGS.eval_presets and FLAGS.feature_batch:
+        bench_features(device_counts, rows)
     _save(rows)
 
 
 if __name__ == "__main__":
+    cli.configure_xla()
     app.run(main)

@@ -116,4 +116,6 @@ def run():
 
 
 if __name__ == "__main__":
+    from varq_jax import cli
+    cli.configure_xla()
     app.run(main)

@@ -31,5 +31,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.configure_xla()
     sys.argv = cli.rewrite_config_argv(sys.argv)
     app.run(main)

@@ -62,4 +62,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.configure_xla()
     app.run(main)

@@ -10,7 +10,7 @@ import logging as std_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from varq_jax import train
+from varq_jax import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train_default.py", "Training configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.", required=True)
@@ -36,4 +36,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    cli.configure_xla()
     app.run(main)

@@ -12,8 +12,6 @@ import jax.numpy as jnp
 
 from varq_jax.models.var import AdaLNBlock, VARConfig
 
-SCAN_UNROLL = 1
-
 
 def stack_blocks(tree: dict, depth: int):
     """{'blocks_0': t₀, …} → the block subtrees stacked on a leading depth axis."""
@@ -63,6 +61,5 @@ def scan_blocks(cfg: VARConfig, dtype, policy, block_params, block_quant, x, six
         return (h, kc, vc), sown
 
     carry = (x.astype(jnp.float32), *cache)      # the residual stream stays float32
-    (x, kc, vc), sown = jax.lax.scan(body, carry, (block_params, block_quant, six, jnp.arange(cfg.depth)),
-                                     unroll=SCAN_UNROLL)
+    (x, kc, vc), sown = jax.lax.scan(body, carry, (block_params, block_quant, six, jnp.arange(cfg.depth)))
     return x, (kc, vc), sown

@@ -18,19 +18,21 @@ def reconstruct(ck, policy, quant, calib, config, workdir, log):
     modules = {}
 
     def progress(record, _):
-        name = record["module"]
-        row = {"loss_start": record.get("rec_loss_first"), "loss_end": record.get("rec_loss_last"),
-               "error_nearest": record.get("error_nearest"), "error_hard": record.get("error_hard"),
-               "time_s": record.get("seconds")}
-        modules[name] = row
-        log(f"  {name:<24} loss {row['loss_start'] or 0:.4g} → {row['loss_end'] or 0:.4g}   "
-            f"({row['time_s']:.1f} s)")
+        row = modules[record["module"]] = _row(record)
+        log(f"  {record['module']:<24} loss {row['loss_start'] or 0:.4g} → {row['loss_end'] or 0:.4g}   "
+            f"({row['time_s']:.1f} s: capture {row['capture_s'] or 0:.1f} s, α loop {row['optimize_s'] or 0:.1f} s)")
 
     result = reconstruct_model(ck.vae_cfg, ck.var_cfg, ck.params, quant, calib.labels, calib.tokens, policy, rc,
                                key=jax.random.PRNGKey(config.calib.seed + 20_000), workdir=workdir,
                                callback=progress)
     for r in result.records:                     # units finished by an earlier (interrupted) run
-        modules.setdefault(r["module"], {"loss_start": r.get("rec_loss_first"), "loss_end": r.get("rec_loss_last"),
-                                         "error_nearest": r.get("error_nearest"), "error_hard": r.get("error_hard"),
-                                         "time_s": r.get("seconds")})
+        modules.setdefault(r["module"], _row(r))
     return result.quant, {"modules": modules, "config": rc.to_dict()}
+
+
+def _row(record: dict) -> dict:
+    """A unit's line of the report: losses, errors and where its time went (capture vs the α loop)."""
+    return {"loss_start": record.get("rec_loss_first"), "loss_end": record.get("rec_loss_last"),
+            "error_nearest": record.get("error_nearest"), "error_hard": record.get("error_hard"),
+            "time_s": record.get("seconds"), "capture_s": record.get("capture_seconds"),
+            "optimize_s": record.get("optimize_seconds")}

@@ -263,10 +263,12 @@ def reconstruct_module(var_cfg: VARConfig, target: ReconTarget, module_params: d
                                                "nearest", rc)
     soft = standalone_policy(policy, target, module_params, rounding="soft")
     alpha0 = init_module_alpha(module_params, module_quant, rel_paths)
+    start = time.perf_counter()
     alpha, rec, reg = optimize_alpha(target.spec, var_cfg, soft, rc.optimisation_only(), segs, module_params,
                                      module_quant, alpha0, data.inputs, data.outputs, key)
-    learned = with_alpha(module_quant, alpha)
     rec, reg = np.asarray(rec), np.asarray(reg)
+    record["optimize_seconds"] = time.perf_counter() - start      # the whole α loop (+ its compile, first of a kind)
+    learned = with_alpha(module_quant, alpha)
     record.update(rec_loss_first=float(rec[0]), rec_loss_last=float(rec[-1]), round_loss_first=float(reg[0]),
                   round_loss_last=float(reg[-1]), curve_every=rc.log_every,
                   rec_loss_curve=[float(v) for v in rec[::rc.log_every]],
@@ -352,11 +354,14 @@ def reconstruct_model(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, qu
         data = capture(vae_cfg, var_cfg, params, labels, tokens, target, batch_size=rc.capture_batch,
                        dtype=jnp.dtype(rc.dtype), input_policy=input_policy,
                        quant=quant if input_policy is not None else None, store_dtype=jnp.dtype(rc.store_dtype))
+        jax.block_until_ready(data)
+        capture_s = time.perf_counter() - start
         mp, mq = subtree(params["var"], target.path), subtree(quant, target.path)
         learned, record = reconstruct_module(var_cfg, target, mp, mq, data, policy, rc,
                                              jax.random.fold_in(key, index))
         quant = replace_subtree(quant, target.path, learned)
         record["seconds"] = time.perf_counter() - start
+        record["capture_seconds"] = capture_s
         done, records = done + [target.name], records + [record]
         if workdir:
             recon_state.save(workdir, quant, key_data, done, records, run_fp)
