@@ -151,7 +151,7 @@ def load(path: str, *, sharding=None) -> ModelCheckpoint:
         args[name] = ocp.args.StandardRestore()
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            restored = ckptr.restore(os.path.join(path, "ckpt"), ocp.args.Composite(**args))
+            restored = ckptr.restore(os.path.join(os.path.abspath(path), "ckpt"), ocp.args.Composite(**args))
     except Exception as e:   # orbax raises many types for truncated/corrupt files; name the checkpoint
         raise CheckpointError(f"cannot restore checkpoint {path!r}: {type(e).__name__}: {e}") from e
     items = {k: restored[k] for k in meta.get("items", [])}

@@ -74,7 +74,7 @@ def load_latest(workdir: str) -> Optional[dict]:
     path = dirs[-1]
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            r = ckptr.restore(os.path.join(path, "ckpt"),
+            r = ckptr.restore(os.path.join(os.path.abspath(path), "ckpt"),
                               ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     except Exception as e:   # orbax raises many types for unreadable files; name the directory
         raise ValueError(f"cannot read reconstruction state {path!r}: {type(e).__name__}: {e}") from e
