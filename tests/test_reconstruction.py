@@ -282,7 +282,7 @@ def test_interrupted_run_resumes_to_the_same_state(params, calib, quant, tmp_pat
     assert sum(k[-1] == "alpha" for k in flat_a) == 4          # fc1, fc2 of two blocks
     for k in flat_a:
         np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]), err_msg=str(k))
-    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    strip = lambda r: {k: v for k, v in r.items() if not k.endswith("seconds")}     # wall times differ
     assert [strip(r) for r in full.records] == [strip(r) for r in resumed.records]
 
     with pytest.raises(ValueError, match="different key"):
