@@ -27,13 +27,16 @@ def init_stacked_cache(cfg: VARConfig, batch: int, dtype) -> tuple:
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
+def _variables(params, quant) -> dict:
+    return {"params": params, **({"quant": quant} if quant is not None else {})}
+
+
 def block_modulations(cfg: VARConfig, dtype, policy, block_params, block_quant, block_cond):
     """Every block's AdaLN chunks [depth, B, 6, C] at once: they depend on the class only, not on the scale."""
     block = AdaLNBlock(cfg, dtype, policy)
 
     def one(p, q):
-        return block.apply({"params": p, **({"quant": q} if q is not None else {})}, block_cond,
-                           method=AdaLNBlock.modulation)
+        return block.apply(_variables(p, q), block_cond, method=AdaLNBlock.modulation)
     return jax.vmap(one)(block_params, block_quant)
 
 
@@ -49,8 +52,7 @@ def scan_blocks(cfg: VARConfig, dtype, policy, block_params, block_quant, x, six
         h, kc, vc = carry
         p, q, m, i = xs
         visible = tuple(jax.lax.dynamic_slice_in_dim(c, i, 1, axis=0)[0, :, :end] for c in (kc, vc))
-        variables = {"params": p, **({"quant": q} if q is not None else {})}
-        apply = functools.partial(block.apply, variables, h, m, visible, start, method=AdaLNBlock.modulated)
+        apply = functools.partial(block.apply, _variables(p, q), h, m, visible, start, method=AdaLNBlock.modulated)
         if collect:
             (h, (k, v)), sown = apply(mutable=["intermediates"])
             sown = sown.get("intermediates", {})
