@@ -4,6 +4,8 @@
       --methods=baseline,brecq,brecq_sas,brecq_resample,full --num_images=500 --out=RESULTS.md \\
       --workdir=runs/ablate [--checkpoint DIR] [--config.recon.iters=1000 ...]
 
+  python -m experiments.ablate --merge=parts/a.json,parts/b.json --out=RESULTS.md   # one table from parts
+
 Without --checkpoint the embedded default model is used. --config.<field>=value overrides go to every PTQ config
 (checked against each preset's fields). Runs whose outputs exist in --workdir are skipped; stopped ones resume.
 The metrics are the in-project classifier's (class accuracy, Fréchet distances of its features), not FID.
@@ -32,6 +34,8 @@ flags.DEFINE_integer("feature_batch", 32, "images per device per step of feature
 flags.DEFINE_string("classifier", None, "exported shapes classifier (default: the embedded one)")
 flags.DEFINE_integer("num_real", 0, "real shapes images for the FD to real (0: as many as --num_images)")
 flags.DEFINE_integer("diag_samples", 8, "calibration samples of the A·V error diagnostic (0: skip it)")
+flags.DEFINE_list("merge", None, "instead of running: merge these ablation JSONs (invocations that ran side by side on "
+                  "one --workdir, e.g. one per GPU) into --out; the A·V diagnostic is recomputed on --checkpoint")
 
 _OVERRIDES = []
 
@@ -47,6 +51,10 @@ def main(argv):
                         feature_batch=FLAGS.feature_batch, classifier=FLAGS.classifier, num_real=FLAGS.num_real)
     command = "python -m experiments.ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:] + _OVERRIDES)
     try:
+        if FLAGS.merge:
+            result = _merge(command)
+            print("\n".join(ablation.table(result["rows"])))
+            return
         if FLAGS.num_images <= 0:
             raise ValueError(f"--num_images must be positive, got {FLAGS.num_images}")
         result = ablation.run_ablation(FLAGS.presets, FLAGS.methods, config, FLAGS.workdir, FLAGS.out,
@@ -56,6 +64,30 @@ def main(argv):
     except ValueError as e:                  # bad input, reported before any work
         sys.exit(f"error: {e}")
     print("\n".join(ablation.table(result["rows"])))
+
+
+def _merge(command: str) -> dict:
+    import json
+    from varq_jax import default_model
+    if _OVERRIDES:
+        raise ValueError("--config.* overrides apply to runs; a merge takes the parts' settings as they are")
+    from varq_jax.quant import ablation
+    parts = []
+    for path in FLAGS.merge:
+        try:
+            with open(path) as f:
+                parts.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read ablation result {path!r}: {e}") from None
+        if not isinstance(parts[-1], dict) or "rows" not in parts[-1] or "diagnostics" not in parts[-1]:
+            raise ValueError(f"{path!r} is not an ablation result (no rows/diagnostics)")
+    if not FLAGS.out.endswith(".md"):
+        raise ValueError(f"out must be a markdown file (.md), got {FLAGS.out!r}")
+    ck = default_model.load_model(FLAGS.checkpoint) if FLAGS.diag_samples > 0 else None
+    result = ablation.merge(parts, ck=ck, workdir=FLAGS.workdir, diag_samples=FLAGS.diag_samples, command=command)
+    ablation.write(FLAGS.out, result)
+    print(f"wrote {FLAGS.out} and {FLAGS.out[:-3]}.json")
+    return result
 
 
 if __name__ == "__main__":

@@ -119,6 +119,68 @@ def test_second_call_skips_finished_runs_and_a_changed_config_is_refused(ablatio
     assert not (root / "R3.md").exists()
 
 
+def _split(result: dict) -> list:
+    """The one-invocation result as two parts, as two invocations side by side on its workdir would write them."""
+    fp, *runs = result["rows"]
+    parts = []
+    for i, r in enumerate(runs):
+        p = json.loads(json.dumps(result))
+        p.update(rows=[fp, r], presets=[r["preset"]], methods=[r["method"]], command=f"part {i}",
+                 diagnostics={"av_error": result["diagnostics"]["av_error"] if i == 0 else [],
+                              "frequency_mismatch": []})
+        parts.append(p)
+    return parts[::-1]                                           # given out of order
+
+
+def test_merged_parts_give_the_one_invocation_table(ablation_run):
+    root, result, _ = ablation_run
+    parts = _split(result)
+    merged = ablation.merge(parts, command="merge")
+    assert merged["rows"] == result["rows"]
+    assert merged["diagnostics"] == result["diagnostics"] and merged["findings"] == result["findings"]
+    assert [p["command"] for p in merged["parts"]] == ["part 1", "part 0"]
+    ck = checkpoint.load(str(root / "model"))           # the A·V diagnostic recomputed at the merge: same tokens, θ
+    again = ablation.merge(parts, ck=ck, workdir=str(root / "wd"), diag_samples=2, log=lambda s: None)
+    assert again["diagnostics"]["av_error"] == result["diagnostics"]["av_error"]
+    ablation.write(str(root / "MERGED.md"), merged)
+    md = (root / "MERGED.md").read_text()
+    assert "Made in 2 parts" in md and "`part 0`" in md and "Merged by `merge`" in md
+    assert [line for line in md.splitlines() if line.startswith("| W4A6 |")] == \
+        [line for line in (root / "RESULTS.md").read_text().splitlines() if line.startswith("| W4A6 |")]
+
+
+def test_merge_refuses_parts_that_do_not_belong_together(ablation_run):
+    _, result, _ = ablation_run
+    a, b = _split(result)
+    with pytest.raises(ValueError, match="differs from part 0 in num_images"):
+        ablation.merge([a, {**b, "num_images": 21}])
+    b_fp = json.loads(json.dumps(b))
+    b_fp["rows"][0]["fd_real"] += 1.0
+    with pytest.raises(ValueError, match="FP rows differ"):
+        ablation.merge([a, b_fp])
+    with pytest.raises(ValueError, match="more than one part"):
+        ablation.merge([a, a])
+    with pytest.raises(ValueError, match="nothing to merge"):
+        ablation.merge([])
+
+
+def test_cli_merge_writes_the_table_and_rejects_a_bad_file(ablation_run, tmp_path):
+    _, result, _ = ablation_run
+    files = []
+    for i, p in enumerate(_split(result)):
+        files.append(tmp_path / f"p{i}.json")
+        files[-1].write_text(json.dumps(p))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "experiments.ablate", *args], cwd=ROOT,
+                                       capture_output=True, text=True, timeout=300)
+    r = run(f"--merge={files[0]},{files[1]}", f"--out={tmp_path}/R.md", "--diag_samples=0")
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(tmp_path / "R.json"))["rows"] == result["rows"]
+    (tmp_path / "bad.json").write_text("{not json")
+    r = run(f"--merge={files[0]},{tmp_path}/bad.json", f"--out={tmp_path}/R2.md", "--diag_samples=0")
+    assert r.returncode != 0 and "cannot read ablation result" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "R2.md").exists()
+
+
 @pytest.mark.parametrize("presets, methods, overrides, message", [
     (["w4a7"], ["brecq"], {}, "unknown preset"),
     (["fp"], ["brecq"], {}, "always the first row"),

@@ -352,6 +352,77 @@ def run_ablation(presets: Sequence[str], methods: Sequence[str], eval_config: ev
     return result
 
 
+# --- tables made in parts ---------------------------------------------------------------------------------------
+SHARED = ("model", "checkpoint", "random_weights", "num_images", "eval", "classifier", "overrides")
+PART_FIELDS = ("command", "device", "host", "date", "jax", "wall_s")
+
+
+def _row_order(row: dict) -> tuple:
+    """Higher bit widths first (as the CLI's default preset list), methods in METHODS order."""
+    return (-row["w_bits"], -row["a_bits"], METHODS.index(row["method"]) if row["method"] in METHODS else len(METHODS))
+
+
+def merge(parts: Sequence[dict], *, ck=None, workdir: str = "", diag_samples: int = 0, command: str = "",
+          log: Callable = print) -> dict:
+    """One table from ablation results of separate invocations on the same model and evaluation settings (e.g.
+    one per GPU, each with its own presets/methods): rows in preset × method order with the FP row once, the
+    frequency-mismatch diagnostics joined, and the A·V diagnostic recomputed here on `ck` (the parts' model)
+    when `diag_samples` > 0, else joined from the parts. Mismatched parts are a ValueError, before any work."""
+    if not parts:
+        raise ValueError("nothing to merge: give at least one ablation result")
+    first = parts[0]
+    for i, p in enumerate(parts[1:], 1):
+        diff = [k for k in SHARED if p.get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"part {i} ({p.get('command')!r}) differs from part 0 in {', '.join(diff)}: "
+                             f"only tables of the same model and evaluation settings can be merged")
+    fp_rows = [next((r for r in p["rows"] if r["name"] == "fp"), None) for p in parts]
+    if any(r is None for r in fp_rows):
+        raise ValueError("every part must hold the FP row")
+    same = lambda r: {k: v for k, v in r.items() if k != "eval_s"}
+    if any(same(r) != same(fp_rows[0]) for r in fp_rows[1:]):
+        raise ValueError("the parts' FP rows differ: they were evaluated separately (share one --workdir so the "
+                         "FP samples, the reference of 'FD to FP', are the same)")
+    rows, seen = [], set()
+    for p in parts:
+        for r in p["rows"]:
+            if r["name"] == "fp":
+                continue
+            if r["name"] in seen:
+                raise ValueError(f"run {r['name']} appears in more than one part")
+            seen.add(r["name"])
+            rows.append(r)
+    q = sorted(rows, key=_row_order)
+    rows = [fp_rows[0]] + q
+    presets = list(dict.fromkeys(r["preset"] for r in q))
+    methods = sorted({r["method"] for r in q}, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
+    order = {r["name"]: i for i, r in enumerate(rows)}
+    fms = {fm["run"]: fm for p in parts for fm in p["diagnostics"]["frequency_mismatch"]}
+    av = {}
+    for p in parts:
+        for d in p["diagnostics"]["av_error"]:
+            av.setdefault(d["a_bits"], d)
+    diag = {"av_error": [av[b] for b in sorted(av, reverse=True)],
+            "frequency_mismatch": sorted(fms.values(), key=lambda fm: order.get(fm["run"], len(order)))}
+    if diag_samples > 0:
+        if ck is None:
+            raise ValueError("recomputing the A·V diagnostic needs the parts' model (ck)")
+        if default_model.describe(ck) != first["model"]:
+            raise ValueError(f"the given model ({default_model.describe(ck)}) is not the parts' model "
+                             f"({first['model']})")
+        runs = [r for r in plan(presets, methods, first["overrides"]) if r.name in seen]
+        reports = {r["name"]: {"theta": r["theta"]} for r in q}
+        diag["av_error"] = run_diagnostics(ck, runs, reports, workdir, diag_samples, log)["av_error"]
+    result = {k: first[k] for k in SHARED}
+    result.update(eval_notes=first.get("eval_notes", []), presets=presets, methods=methods, command=command,
+                  **environment(), rows=rows, diagnostics=diag,
+                  wall_s=max(p.get("wall_s", 0.0) for p in parts),
+                  parts=[{k: p.get(k) for k in PART_FIELDS} for p in parts],
+                  av_error_from="this merge" if diag_samples > 0 else "the parts")
+    result["findings"] = findings(rows, diag)
+    return result
+
+
 def write(out: str, result: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for path, text in ((out, to_markdown(result)),
@@ -414,6 +485,12 @@ def findings(rows: Sequence[dict], diag: dict) -> List[str]:
                 lines.append(f"{label} ({a} → {b}) improved {title} at {len(yes)} of {len(ch)} bit settings"
                              + (f" ({', '.join(yes)})" if yes else "") + (f"; not at {', '.join(no)}" if no else "")
                              + ".")
+    fp = next((r for r in rows if r["preset"] == "fp" and r["class_accuracy"] is not None), None)
+    if fp is not None and q:
+        se = float(np.sqrt(fp["class_accuracy"] * (1 - fp["class_accuracy"]) / fp["num_images"]))
+        lines.append(f"Noise level: over {fp['num_images']} images a class accuracy near {fp['class_accuracy']:.3f} "
+                     f"has a binomial standard error of {se:.3f}, so accuracy differences below about {2 * se:.3f} "
+                     f"are within sampling noise.")
     for d in diag.get("av_error", []):
         s, p = d["shift_and_sum"], d["plain"]
         lower = sum(x < y for x, y in zip(s, p))
@@ -469,10 +546,19 @@ def to_markdown(result: dict) -> str:
               f"- Images: {result['num_images']} per model, labels i mod classes, keys from seed {e['seed']}; "
               f"sampling CFG {e['cfg']}, top-k {e['top_k']} (clipped to the vocabulary), top-p {e['top_p']}, "
               f"{e['dtype']}",
-              f"- Device: {result['device']}, host {result['host']}, {result['date']}, jax {result['jax']}; "
-              f"wall time of this invocation {result['wall_s']:.0f} s",
-              f"- PTQ overrides: {', '.join(f'{k}={v}' for k, v in result['overrides'].items()) or 'none'}",
-              f"- Command: `{result['command'] or '(library call)'}`", ""]
+              f"- PTQ overrides: {', '.join(f'{k}={v}' for k, v in result['overrides'].items()) or 'none'}"]
+    if result.get("parts"):
+        lines.append(f"- Made in {len(result['parts'])} parts, invocations that ran side by side on one workdir "
+                     f"(their PTQ and eval times include sharing devices and host CPUs):")
+        lines += [f"  - `{p['command']}` — {p['device']}, host {p['host']}, {p['date']}, jax {p['jax']}, "
+                  f"{p['wall_s']:.0f} s" for p in result["parts"]]
+        lines.append(f"- Merged by `{result['command'] or '(library call)'}` — {result['device']}, host "
+                     f"{result['host']}, {result['date']}, jax {result['jax']} (A·V diagnostic from {result['av_error_from']})")
+    else:
+        lines += [f"- Device: {result['device']}, host {result['host']}, {result['date']}, jax {result['jax']}; "
+                  f"wall time of this invocation {result['wall_s']:.0f} s",
+                  f"- Command: `{result['command'] or '(library call)'}`"]
+    lines.append("")
     lines += table(result["rows"])
     lines += ["", "BOPs per image (the FP row: 16-bit BOPs); BOPs + SaS adds the shift-and-sum products at θ "
               "(θ only for shift-and-sum runs). PTQ time is the quantize run's total (of its last, possibly resumed, "
