@@ -318,3 +318,40 @@ def test_bad_input_is_refused_before_work(params, calib, quant):
     with pytest.raises(ValueError, match="delta"):
         rec.reconstruct_model(VAE_CFG, VAR_CFG, params, {"head": {}}, labels, tokens, POLICY,
                               key=jax.random.PRNGKey(0), units=["head"])
+
+
+@pytest.mark.parametrize("shared_aln", [False, True])
+def test_block_stream_equals_whole_model_capture(params, calib, shared_aln):
+    """The stream's data of every block unit equals `capture` of the same unit (which runs the whole model)."""
+    labels, tokens = calib
+    vae_cfg, var_cfg, p = VAE_CFG, VAR_CFG, params
+    if shared_aln:
+        vae_cfg, var_cfg = zoo.tiny((1, 2, 3, 4), depth=2, shared_aln=True)
+        var = jax.jit(lambda k: VAR(var_cfg).init(k, jnp.zeros((1,), jnp.int32),
+                                                  jnp.zeros((1, var_cfg.L - 1, var_cfg.cvae))))(jax.random.PRNGKey(5))
+        p = {"vae": params["vae"], "var": var["params"]}
+    stream = cap.BlockStream(vae_cfg, var_cfg, p, labels, tokens, batch_size=3)
+    units = [t for t in cap.recon_targets(var_cfg) if t.in_block]
+    assert [t.name for t in units][:2] == (["blocks_0/attn", "blocks_0/ffn"] if shared_aln
+                                          else ["blocks_0/ada_lin", "blocks_0/attn"])
+    for t in units:
+        a, b = stream.get(t), cap.capture(vae_cfg, var_cfg, p, labels, tokens, t, batch_size=3)
+        assert a.inputs.shape == b.inputs.shape and a.outputs.shape == b.outputs.shape, t.name
+        np.testing.assert_allclose(np.asarray(a.inputs), np.asarray(b.inputs), rtol=1e-6, atol=1e-6, err_msg=t.name)
+        np.testing.assert_allclose(np.asarray(a.outputs), np.asarray(b.outputs), rtol=1e-6, atol=1e-6,
+                                   err_msg=t.name)
+    with pytest.raises(ValueError, match="only moves forward"):
+        stream.get(units[0])
+    with pytest.raises(ValueError, match="not a block unit"):
+        stream.get(cap.target_by_name(var_cfg, "head"))
+
+
+def test_fp_input_reconstruction_captures_the_model_only_for_non_block_units(params, calib, quant, monkeypatch):
+    labels, tokens = calib
+    whole_model = []
+    original = rec.capture
+    monkeypatch.setattr(rec, "capture", lambda *a, **k: whole_model.append(a[5].name) or original(*a, **k))
+    out = rec.reconstruct_model(VAE_CFG, VAR_CFG, params, quant, labels, tokens, POLICY,
+                                rec.ReconConfig(iters=2, measure_errors=False), key=jax.random.PRNGKey(0),
+                                units=["blocks_0/attn", "blocks_1/ada_lin", "blocks_1/ffn", "head"])
+    assert out.done == ["blocks_0/attn", "blocks_1/ada_lin", "blocks_1/ffn", "head"] and whole_model == ["head"]

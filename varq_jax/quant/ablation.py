@@ -553,7 +553,8 @@ def to_markdown(result: dict) -> str:
         lines += [f"  - `{p['command']}` — {p['device']}, host {p['host']}, {p['date']}, jax {p['jax']}, "
                   f"{p['wall_s']:.0f} s" for p in result["parts"]]
         lines.append(f"- Merged by `{result['command'] or '(library call)'}` — {result['device']}, host "
-                     f"{result['host']}, {result['date']}, jax {result['jax']} (A·V diagnostic from {result['av_error_from']})")
+                     f"{result['host']}, {result['date']}, jax {result['jax']} "
+                     f"(A·V diagnostic from {result['av_error_from']})")
     else:
         lines += [f"- Device: {result['device']}, host {result['host']}, {result['date']}, jax {result['jax']}; "
                   f"wall time of this invocation {result['wall_s']:.0f} s",

@@ -10,7 +10,8 @@ sampling pass per sample: with a block-causal mask the per-scale activations are
 [N, R, T, C]: sample, CFG row (R = 2: label, null; R = 1 for `word_embed`, which the official sampler applies
 before doubling), token, channel. Layers that see one vector per sample (`ada_lin`, `head_nm`'s projection,
 `shared_ada_lin`) have T = 1: the official caches only the first scale's call of those, as the input is the same
-at every scale.
+at every scale. With FP inputs (the default) the block units' data comes from a `BlockStream`, which keeps the
+tokens entering the current block and moves one block forward at a time.
 """
 import dataclasses
 import fnmatch
@@ -73,6 +74,11 @@ class ReconTarget:
     @property
     def is_block(self) -> bool:
         return self.spec.kind != "dense"
+
+    @property
+    def in_block(self) -> bool:
+        """A unit of a transformer block (blocks_i/…): its FP data can come from a `BlockStream`."""
+        return len(self.path) == 2 and self.path[0].startswith("blocks_")
 
     @property
     def cond_rows_only(self) -> bool:
@@ -302,3 +308,99 @@ def capture(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, labels, toke
         ins.append(inp[:keep])
         outs.append(out[:keep])
     return Captured(jnp.concatenate(ins), jnp.concatenate(outs))
+
+
+# --- FP inputs block by block ----------------------------------------------------------------------------------------
+def _embed(model: VAR, labels: Array, x_cvae: Array):
+    """(tokens entering block 0 [B, L, C], what each block's AdaLN receives) — VAR.__call__ up to the blocks."""
+    cond = model.condition(labels)
+    x = jnp.concatenate([model.first_tokens(cond), model.embed_next(x_cvae, model.cfg.patch_nums[0] ** 2)], 1)
+    return x, model.block_condition(cond)
+
+
+@functools.partial(jax.jit, static_argnames=("vae_cfg", "var_cfg", "dtype"))
+def _stream_start(vae_cfg, var_cfg, dtype, params, labels, tokens):
+    b = labels.shape[0]
+    x_cvae = VQVAE(vae_cfg).apply({"params": params["vae"]}, tokens, method=VQVAE.idx_to_var_input)
+    labels2 = jnp.concatenate([labels, jnp.full_like(labels, var_cfg.num_classes)])
+    x, bc = VAR(var_cfg, dtype).apply({"params": params["var"]}, labels2, jnp.concatenate([x_cvae, x_cvae]),
+                                      method=_embed)
+    return _to_rows(x, False, b), bc.reshape(2, b, *bc.shape[1:]).swapaxes(0, 1)      # the stream stays float32
+
+
+def _from_rows(t: Array) -> Array:
+    """[b, 2, ...] → the doubled batch [2b, ...] (label rows, then null rows): the inverse of `_to_rows`."""
+    return t.swapaxes(0, 1).reshape(-1, *t.shape[2:])
+
+
+@functools.partial(jax.jit, static_argnames=("var_cfg", "dtype", "store_dtype"))
+def _stream_block(var_cfg, dtype, store_dtype, block_params, x_rows, bc_rows):
+    """One block on the stream: (tokens entering the next block, {unit: (input, output)}) in [b, 2, T, C] rows."""
+    from varq_jax.models.var import AdaLNBlock
+    b = x_rows.shape[0]
+    seen = {}
+
+    def interceptor(next_fun, args, kwargs, ctx):
+        out = next_fun(*args, **kwargs)
+        scope = ctx.module.scope
+        if ctx.method_name == "__call__" and scope is not None and len(scope.path) == 1:
+            seen[scope.path[0]] = (args[0], out[0] if scope.path[0] == "attn" else out)
+        return out
+
+    with nn.intercept_methods(interceptor):
+        x, _ = AdaLNBlock(var_cfg, dtype).apply({"params": block_params}, _from_rows(x_rows),
+                                                _from_rows(bc_rows))
+    units = {name: tuple(_to_rows(t, False, b).astype(store_dtype) for t in io) for name, io in seen.items()}
+    return _to_rows(x, False, b), units
+
+
+class BlockStream:
+    """The FP inputs and outputs of every block's units, one block at a time.
+
+    The tokens entering block i are kept for all calibration rows, so the data of block i's ada_lin, attn and ffn
+    costs one block forward (`capture` runs the whole model per unit). Equal to `capture` for those units; the
+    stream only moves forward (a resumed run advances it to its first unfinished block)."""
+
+    def __init__(self, vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, labels, tokens, *,
+                 batch_size: int = 8, dtype: Any = jnp.float32, store_dtype: Any = jnp.float32):
+        labels, tokens = check_calibration(var_cfg, labels, tokens)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.var_cfg, self.params = var_cfg, params
+        self.dtype, self.store_dtype = jnp.dtype(dtype), jnp.dtype(store_dtype)
+        n = labels.shape[0]
+        self.chunks = [np.arange(s, s + min(batch_size, n)) % n for s in range(0, n, min(batch_size, n))]
+        self.keep = [min(len(c), n - c[0]) for c in self.chunks]     # the last chunk wraps; extra rows dropped
+        outs = [_stream_start(vae_cfg, var_cfg, self.dtype, params, jnp.asarray(labels[c]),
+                              [jnp.asarray(t[c]) for t in tokens]) for c in self.chunks]
+        self.x = self._join([o[0] for o in outs])
+        self.bc = self._join([o[1] for o in outs])
+        self.next_block, self.units = 0, {}
+
+    def _join(self, parts):
+        return jnp.concatenate([p[:k] for p, k in zip(parts, self.keep)])
+
+    def _advance(self):
+        i = self.next_block
+        block_params = self.params["var"][f"blocks_{i}"]
+        outs = [_stream_block(self.var_cfg, self.dtype, self.store_dtype, block_params, self.x[c], self.bc[c])
+                for c in self.chunks]
+        self.x = self._join([o[0] for o in outs])
+        self.units = {f"blocks_{i}/{name}": Captured(self._join([o[1][name][0] for o in outs]),
+                                                     self._join([o[1][name][1] for o in outs]))
+                      for name in outs[0][1]}
+        self.next_block += 1
+
+    def get(self, target: "ReconTarget") -> Captured:
+        """The FP data of a block unit (blocks_i/ada_lin, attn or ffn)."""
+        if not target.in_block:
+            raise ValueError(f"{target.name!r} is not a block unit; use capture()")
+        slot, i = _slot(target.path)
+        if i < self.next_block - 1:
+            raise ValueError(f"the stream is past block {i} (at {self.next_block - 1}); it only moves forward")
+        while self.next_block <= i:
+            self.units = {}                      # free the previous block's data before computing the next
+            self._advance()
+        if target.name not in self.units:
+            raise ValueError(f"block {i} has no unit {slot[1]!r}")
+        return self.units[target.name]

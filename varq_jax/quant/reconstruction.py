@@ -29,8 +29,8 @@ from flax import traverse_util
 from varq_jax.models.var import VARConfig
 from varq_jax.models.vqvae import VQVAEConfig
 from varq_jax.quant import quantizers, recon_state
-from varq_jax.quant.capture import (Captured, ModuleSpec, ReconTarget, capture, check_calibration, linear_paths,
-                                    partial_model_policy, recon_targets, replace_subtree, segments,
+from varq_jax.quant.capture import (BlockStream, Captured, ModuleSpec, ReconTarget, capture, check_calibration,
+                                    linear_paths, partial_model_policy, recon_targets, replace_subtree, segments,
                                     standalone_policy, subtree, trainable_linears)
 from varq_jax.quant.policy import QuantPolicy
 from varq_jax.quant.recon_state import fingerprint
@@ -347,13 +347,20 @@ def reconstruct_model(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, qu
         done, records = saved["done"], saved["records"]
 
     input_policy = partial_model_policy(policy) if rc.quantized_inputs else None
+    stream = None                   # FP inputs of block units: one block forward per block, not a model per unit
     for index, target in selected:
         if target.name in done:
             continue
         start = time.perf_counter()
-        data = capture(vae_cfg, var_cfg, params, labels, tokens, target, batch_size=rc.capture_batch,
-                       dtype=jnp.dtype(rc.dtype), input_policy=input_policy,
-                       quant=quant if input_policy is not None else None, store_dtype=jnp.dtype(rc.store_dtype))
+        if input_policy is None and target.in_block:
+            if stream is None:
+                stream = BlockStream(vae_cfg, var_cfg, params, labels, tokens, batch_size=rc.capture_batch,
+                                     dtype=jnp.dtype(rc.dtype), store_dtype=jnp.dtype(rc.store_dtype))
+            data = stream.get(target)
+        else:
+            data = capture(vae_cfg, var_cfg, params, labels, tokens, target, batch_size=rc.capture_batch,
+                           dtype=jnp.dtype(rc.dtype), input_policy=input_policy,
+                           quant=quant if input_policy is not None else None, store_dtype=jnp.dtype(rc.store_dtype))
         jax.block_until_ready(data)
         capture_s = time.perf_counter() - start
         mp, mq = subtree(params["var"], target.path), subtree(quant, target.path)
