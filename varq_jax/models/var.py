@@ -275,11 +275,16 @@ class VAR(nn.Module):
         return self.head(h.astype(self.dtype)).astype(jnp.float32)
 
     # --- forwards ----------------------------------------------------------------------------------------------
+    def embed(self, labels: Array, x_cvae: Array):
+        """(the tokens entering block 0 [B, L, C], the class embedding [B, C]) of the teacher-forced forward."""
+        cond = self.condition(labels)
+        x = jnp.concatenate([self.first_tokens(cond), self.embed_next(x_cvae, self.cfg.patch_nums[0] ** 2)], 1)
+        return x, cond
+
     def __call__(self, labels: Array, x_cvae: Array) -> Array:
         """Teacher-forced logits [B, L, V] from labels [B] and `idx_to_var_input` [B, L − pn₀², Cvae].
         (Class-label dropout for CFG training is applied by the caller, on the labels.)"""
-        cond = self.condition(labels)
-        x = jnp.concatenate([self.first_tokens(cond), self.embed_next(x_cvae, self.cfg.patch_nums[0] ** 2)], 1)
+        x, cond = self.embed(labels, x_cvae)
         bc = self.block_condition(cond)
         for blk in self.blocks:
             x, _ = blk(x, bc)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from varq_jax.models.var import FFN, VAR, Dense, SelfAttention, VARConfig
+from varq_jax.models.var import FFN, VAR, AdaLNBlock, Dense, SelfAttention, VARConfig
 from varq_jax.models.vqvae import VQVAE, VQVAEConfig
 from varq_jax.quant import quantizers
 from varq_jax.quant.policy import QuantPolicy
@@ -227,6 +227,19 @@ def _record(model: VAR, variables: dict, slot: tuple, block_index, labels: Array
     return inp, out
 
 
+def _doubled_inputs(vae_cfg, var_cfg, params, labels, tokens):
+    """(labels, then the null class [2b]; the VAR inputs of the tokens, twice [2b, L − pn₀², Cvae]): CFG doubling."""
+    x_cvae = VQVAE(vae_cfg).apply({"params": params["vae"]}, tokens, method=VQVAE.idx_to_var_input)
+    return (jnp.concatenate([labels, jnp.full_like(labels, var_cfg.num_classes)]),
+            jnp.concatenate([x_cvae, x_cvae]))
+
+
+def _chunks(n: int, batch_size: int) -> list:
+    """(sample indices, rows to keep) per compiled call: the last chunk wraps around, its extra rows dropped."""
+    bs = min(batch_size, n)
+    return [(np.arange(s, s + bs) % n, min(bs, n - s)) for s in range(0, n, bs)]
+
+
 def _to_rows(t: Array, cond_rows_only: bool, b: int) -> Array:
     """[2b, (T,) C] from the doubled batch → [b, R, T, C]."""
     if t.ndim == 2:
@@ -240,9 +253,7 @@ def _to_rows(t: Array, cond_rows_only: bool, b: int) -> Array:
 def _capture_batch(vae_cfg, var_cfg, slot, attn, cond_rows_only, dtype, input_policy, store_dtype, params, quant,
                    block_index, labels, tokens):
     b = labels.shape[0]
-    x_cvae = VQVAE(vae_cfg).apply({"params": params["vae"]}, tokens, method=VQVAE.idx_to_var_input)
-    labels2 = jnp.concatenate([labels, jnp.full_like(labels, var_cfg.num_classes)])
-    x2 = jnp.concatenate([x_cvae, x_cvae])
+    labels2, x2 = _doubled_inputs(vae_cfg, var_cfg, params, labels, tokens)
     inp, out = _record(VAR(var_cfg, dtype), {"params": params["var"]}, slot, block_index, labels2, x2)
     if attn:
         out = out[0]
@@ -294,17 +305,13 @@ def capture(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, labels, toke
     if target not in recon_targets(var_cfg):
         raise ValueError(f"{target.name!r} is not a reconstruction unit of this model")
     dtype, store_dtype = jnp.dtype(dtype), jnp.dtype(store_dtype)     # one compile whatever the spelling
-    n = labels.shape[0]
-    bs = min(batch_size, n)
     slot, block_index = _slot(target.path)
     ins, outs = [], []
-    for start in range(0, n, bs):
-        idx = np.arange(start, start + bs) % n          # the last batch wraps around; the extra rows are dropped
+    for idx, keep in _chunks(labels.shape[0], batch_size):
         inp, out = _capture_batch(vae_cfg, var_cfg, slot, target.spec.kind == "attn", target.cond_rows_only,
                                   dtype, input_policy, store_dtype, params,
                                   quant if input_policy is not None else None, jnp.int32(block_index),
                                   jnp.asarray(labels[idx]), [jnp.asarray(t[idx]) for t in tokens])
-        keep = min(bs, n - start)
         ins.append(inp[:keep])
         outs.append(out[:keep])
     return Captured(jnp.concatenate(ins), jnp.concatenate(outs))
@@ -312,19 +319,16 @@ def capture(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, labels, toke
 
 # --- FP inputs block by block ----------------------------------------------------------------------------------------
 def _embed(model: VAR, labels: Array, x_cvae: Array):
-    """(tokens entering block 0 [B, L, C], what each block's AdaLN receives) — VAR.__call__ up to the blocks."""
-    cond = model.condition(labels)
-    x = jnp.concatenate([model.first_tokens(cond), model.embed_next(x_cvae, model.cfg.patch_nums[0] ** 2)], 1)
+    """(tokens entering block 0, what each block's AdaLN receives)."""
+    x, cond = model.embed(labels, x_cvae)
     return x, model.block_condition(cond)
 
 
 @functools.partial(jax.jit, static_argnames=("vae_cfg", "var_cfg", "dtype"))
 def _stream_start(vae_cfg, var_cfg, dtype, params, labels, tokens):
     b = labels.shape[0]
-    x_cvae = VQVAE(vae_cfg).apply({"params": params["vae"]}, tokens, method=VQVAE.idx_to_var_input)
-    labels2 = jnp.concatenate([labels, jnp.full_like(labels, var_cfg.num_classes)])
-    x, bc = VAR(var_cfg, dtype).apply({"params": params["var"]}, labels2, jnp.concatenate([x_cvae, x_cvae]),
-                                      method=_embed)
+    labels2, x2 = _doubled_inputs(vae_cfg, var_cfg, params, labels, tokens)
+    x, bc = VAR(var_cfg, dtype).apply({"params": params["var"]}, labels2, x2, method=_embed)
     return _to_rows(x, False, b), bc.reshape(2, b, *bc.shape[1:]).swapaxes(0, 1)      # the stream stays float32
 
 
@@ -336,7 +340,6 @@ def _from_rows(t: Array) -> Array:
 @functools.partial(jax.jit, static_argnames=("var_cfg", "dtype", "store_dtype"))
 def _stream_block(var_cfg, dtype, store_dtype, block_params, x_rows, bc_rows):
     """One block on the stream: (tokens entering the next block, {unit: (input, output)}) in [b, 2, T, C] rows."""
-    from varq_jax.models.var import AdaLNBlock
     b = x_rows.shape[0]
     seen = {}
 
@@ -368,23 +371,21 @@ class BlockStream:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.var_cfg, self.params = var_cfg, params
         self.dtype, self.store_dtype = jnp.dtype(dtype), jnp.dtype(store_dtype)
-        n = labels.shape[0]
-        self.chunks = [np.arange(s, s + min(batch_size, n)) % n for s in range(0, n, min(batch_size, n))]
-        self.keep = [min(len(c), n - c[0]) for c in self.chunks]     # the last chunk wraps; extra rows dropped
+        self.chunks = _chunks(labels.shape[0], batch_size)
         outs = [_stream_start(vae_cfg, var_cfg, self.dtype, params, jnp.asarray(labels[c]),
-                              [jnp.asarray(t[c]) for t in tokens]) for c in self.chunks]
+                              [jnp.asarray(t[c]) for t in tokens]) for c, _ in self.chunks]
         self.x = self._join([o[0] for o in outs])
         self.bc = self._join([o[1] for o in outs])
         self.next_block, self.units = 0, {}
 
     def _join(self, parts):
-        return jnp.concatenate([p[:k] for p, k in zip(parts, self.keep)])
+        return jnp.concatenate([p[:keep] for p, (_, keep) in zip(parts, self.chunks)])
 
     def _advance(self):
         i = self.next_block
         block_params = self.params["var"][f"blocks_{i}"]
         outs = [_stream_block(self.var_cfg, self.dtype, self.store_dtype, block_params, self.x[c], self.bc[c])
-                for c in self.chunks]
+                for c, _ in self.chunks]
         self.x = self._join([o[0] for o in outs])
         self.units = {f"blocks_{i}/{name}": Captured(self._join([o[1][name][0] for o in outs]),
                                                      self._join([o[1][name][1] for o in outs]))
