@@ -1,16 +1,20 @@
 """The VAR blocks as one `lax.scan` over stacked per-block parameters, for the KV-cached sampler.
 
 Unrolling depth × scales block copies makes XLA compile minutes for d16/d30; scanning the blocks compiles one
-block per scale. The cache is one [depth, B, L, H, D] buffer per k and v, updated in place; each block reads
-exactly its visible prefix. The per-block modules are the same `AdaLNBlock`s (their params/quant trees are
-relative to the block, so module-path patterns that name blocks need the unrolled `VAR.step`).
+block per scale. The cache is one [depth, B, L, H, D] buffer per k and v, updated in place; each block writes
+its keys once and reads exactly its visible prefix. The per-block modules are the same `AdaLNBlock`s (their
+params/quant trees are relative to the block, so module-path patterns that name blocks need the unrolled
+`VAR.step`).
 """
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 
-from varq_jax.models.var import AdaLNBlock, VARConfig
+from varq_jax.models.var import AdaLNBlock, VARConfig, attention
+
+Array = jax.Array
 
 
 def stack_blocks(tree: dict, depth: int):
@@ -25,6 +29,23 @@ def unstack_blocks(tree, depth: int) -> dict:
 def init_stacked_cache(cfg: VARConfig, batch: int, dtype) -> tuple:
     shape = (cfg.depth, batch, cfg.L, cfg.heads, cfg.head_dim)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+@flax.struct.dataclass
+class StackedKVCache:
+    """Block `block`'s view of the stacked [depth, B, L, H, D] key/value buffers (the `KVCache` protocol)."""
+    k: Array
+    v: Array
+    block: Array
+
+    def attend(self, q: Array, k: Array, v: Array, start: int, scale: float, policy_attend=None):
+        at = (self.block, 0, start, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at)
+        end = start + q.shape[1]
+        visible = lambda a: jax.lax.dynamic_index_in_dim(a, self.block, keepdims=False)[:, :end]
+        out = (policy_attend or functools.partial(attention, scale=scale))(q, visible(k_all), visible(v_all))
+        return out, StackedKVCache(k_all, v_all, self.block)
 
 
 def _variables(params, quant) -> dict:
@@ -46,21 +67,18 @@ def scan_blocks(cfg: VARConfig, dtype, policy, block_params, block_quant, x, six
     Returns (x, cache, sown), where sown holds the blocks' 'intermediates' stacked over depth (empty unless
     `collect`)."""
     block = AdaLNBlock(cfg, dtype, policy)
-    end = start + x.shape[1]
 
     def body(carry, xs):
         h, kc, vc = carry
         p, q, m, i = xs
-        visible = tuple(jax.lax.dynamic_slice_in_dim(c, i, 1, axis=0)[0, :, :end] for c in (kc, vc))
-        apply = functools.partial(block.apply, _variables(p, q), h, m, visible, start, method=AdaLNBlock.modulated)
+        view = StackedKVCache(kc, vc, i)
+        apply = functools.partial(block.apply, _variables(p, q), h, m, view, start, method=AdaLNBlock.modulated)
         if collect:
-            (h, (k, v)), sown = apply(mutable=["intermediates"])
+            (h, view), sown = apply(mutable=["intermediates"])
             sown = sown.get("intermediates", {})
         else:
-            (h, (k, v)), sown = apply(), {}
-        kc = jax.lax.dynamic_update_slice(kc, k[None, :, start:end].astype(kc.dtype), (i, 0, start, 0, 0))
-        vc = jax.lax.dynamic_update_slice(vc, v[None, :, start:end].astype(vc.dtype), (i, 0, start, 0, 0))
-        return (h, kc, vc), sown
+            (h, view), sown = apply(), {}
+        return (h, view.k, view.v), sown
 
     carry = (x.astype(jnp.float32), *cache)      # the residual stream stays float32
     (x, kc, vc), sown = jax.lax.scan(body, carry, (block_params, block_quant, six, jnp.arange(cfg.depth)))

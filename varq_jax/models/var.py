@@ -6,9 +6,11 @@ inference would see). The residual stream stays float32; matmuls run in `dtype` 
 float32.
 """
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -133,9 +135,9 @@ class SelfAttention(nn.Module):
     policy: Any = None
 
     @nn.compact
-    def __call__(self, x: Array, cache: Optional[tuple] = None, start: int = 0):
+    def __call__(self, x: Array, cache: Any = None, start: int = 0):
         """Teacher-forced over all L tokens (cache None), or one KV-cached scale: x holds the tokens at
-        positions [start, start + n) and `cache` = (k, v) [B, L, H, D] buffers; returns (out, cache)."""
+        positions [start, start + n) and `cache` is a `KVCache` (or `stack.StackedKVCache`); returns (out, cache)."""
         cfg = self.cfg
         b, n, c = x.shape
         h, d = cfg.heads, cfg.head_dim
@@ -153,11 +155,7 @@ class SelfAttention(nn.Module):
         q, k, v = (t.astype(self.dtype) for t in (q, k, v))
 
         if cache is not None:
-            k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, axis=1)
-            end = start + n
-            out = self._attend(q, k_cache[:, :end], v_cache[:, :end])
-            cache = (k_cache, v_cache)
+            out, cache = cache.attend(q, k, v, start, cfg.attn_scale, self._policy_attend())
         elif self.policy is not None and self.policy.blockwise_attention:
             # Per scale block: queries of scale s see exactly the keys of scales ≤ s, as in KV-cached inference.
             out = jnp.concatenate([self._attend(q[:, s:e], k[:, :e], v[:, :e]) for s, e in cfg.begin_ends], 1)
@@ -167,9 +165,13 @@ class SelfAttention(nn.Module):
         return Dense(c, "proj", dtype=self.dtype, policy=self.policy, name="proj")(out), cache
 
     def _attend(self, q, k, v):
-        if self.policy is not None:
-            return self.policy.attention(self, q, k, v, self.cfg.attn_scale)
-        return attention(q, k, v, self.cfg.attn_scale)
+        return (self._policy_attend() or functools.partial(attention, scale=self.cfg.attn_scale))(q, k, v)
+
+    def _policy_attend(self):
+        """The quantization policy's attention on (q, visible k, visible v), or None for plain attention."""
+        if self.policy is None:
+            return None
+        return lambda q, k, v: self.policy.attention(self, q, k, v, self.cfg.attn_scale)
 
 
 class FFN(nn.Module):
@@ -300,7 +302,23 @@ class VAR(nn.Module):
         return self.logits(x, cond), new
 
 
+@flax.struct.dataclass
+class KVCache:
+    """One block's preallocated keys and values [B, L, H, D], written in place one scale at a time."""
+    k: Array
+    v: Array
+
+    def attend(self, q: Array, k: Array, v: Array, start: int, scale: float, policy_attend=None):
+        """Writes this scale's k, v at [start, start + n) and attends q to every position < start + n.
+        policy_attend(q, k_visible, v_visible) replaces plain attention (quantized models)."""
+        k_all = jax.lax.dynamic_update_slice_in_dim(self.k, k.astype(self.k.dtype), start, axis=1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(self.v, v.astype(self.v.dtype), start, axis=1)
+        end = start + q.shape[1]
+        out = (policy_attend or functools.partial(attention, scale=scale))(q, k_all[:, :end], v_all[:, :end])
+        return out, KVCache(k_all, v_all)
+
+
 def init_cache(cfg: VARConfig, batch: int, dtype=jnp.float32) -> list:
-    """Preallocated KV cache: per block a (k, v) pair of [batch, L, H, D] buffers."""
+    """Preallocated KV cache: a `KVCache` of [batch, L, H, D] buffers per block."""
     shape = (batch, cfg.L, cfg.heads, cfg.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.depth)]
+    return [KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.depth)]
