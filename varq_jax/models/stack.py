@@ -12,7 +12,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from varq_jax.models.var import AdaLNBlock, VARConfig, attention
+from varq_jax.models.var import AdaLNBlock, VARConfig, attend_visible
 
 Array = jax.Array
 
@@ -44,7 +44,7 @@ class StackedKVCache:
         v_all = jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at)
         end = start + q.shape[1]
         visible = lambda a: jax.lax.dynamic_index_in_dim(a, self.block, keepdims=False)[:, :end]
-        out = (policy_attend or functools.partial(attention, scale=scale))(q, visible(k_all), visible(v_all))
+        out = attend_visible(q, visible(k_all), visible(v_all), scale, policy_attend)
         return out, StackedKVCache(k_all, v_all, self.block)
 
 

@@ -6,7 +6,6 @@ inference would see). The residual stream stays float32; matmuls run in `dtype` 
 float32.
 """
 import dataclasses
-import functools
 import math
 from typing import Any, Optional
 
@@ -100,6 +99,11 @@ def attention(q: Array, k: Array, v: Array, scale: float, mask: Optional[Array] 
     return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
+def attend_visible(q: Array, k: Array, v: Array, scale: float, policy_attend=None) -> Array:
+    """Attention of q to the keys it may see: plain `attention`, or a quantization policy's (q, k, v) → out."""
+    return policy_attend(q, k, v) if policy_attend is not None else attention(q, k, v, scale)
+
+
 class Dense(nn.Module):
     """A Linear layer (kernel [in, out]) whose matmul goes through the quantization policy when one is given."""
     features: int
@@ -165,7 +169,7 @@ class SelfAttention(nn.Module):
         return Dense(c, "proj", dtype=self.dtype, policy=self.policy, name="proj")(out), cache
 
     def _attend(self, q, k, v):
-        return (self._policy_attend() or functools.partial(attention, scale=self.cfg.attn_scale))(q, k, v)
+        return attend_visible(q, k, v, self.cfg.attn_scale, self._policy_attend())
 
     def _policy_attend(self):
         """The quantization policy's attention on (q, visible k, visible v), or None for plain attention."""
@@ -314,8 +318,7 @@ class KVCache:
         k_all = jax.lax.dynamic_update_slice_in_dim(self.k, k.astype(self.k.dtype), start, axis=1)
         v_all = jax.lax.dynamic_update_slice_in_dim(self.v, v.astype(self.v.dtype), start, axis=1)
         end = start + q.shape[1]
-        out = (policy_attend or functools.partial(attention, scale=scale))(q, k_all[:, :end], v_all[:, :end])
-        return out, KVCache(k_all, v_all)
+        return attend_visible(q, k_all[:, :end], v_all[:, :end], scale, policy_attend), KVCache(k_all, v_all)
 
 
 def init_cache(cfg: VARConfig, batch: int, dtype=jnp.float32) -> list:
