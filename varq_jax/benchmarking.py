@@ -5,11 +5,12 @@ import jax
 import numpy as np
 
 
-def compile_time(jitted, *args, **kwargs) -> float:
-    """Seconds to lower and compile `jitted` for these arguments (nothing is executed)."""
+def compile_timed(jitted, *args, **kwargs):
+    """(the executable of `jitted` for these arguments, seconds to lower and compile it); nothing is executed.
+    Time the executable itself: calling `jitted` afterwards would compile a second time."""
     t = time.perf_counter()
-    jitted.lower(*args, **kwargs).compile()
-    return time.perf_counter() - t
+    compiled = jitted.lower(*args, **kwargs).compile()
+    return compiled, time.perf_counter() - t
 
 
 def median_time(fn, *args, repeats: int = 5, warmup: int = 1, **kwargs) -> float:

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from varq_jax.models import fused_qkv
+
 Array = jax.Array
 
 
@@ -85,13 +87,31 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     return (x / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
-def attention(q: Array, k: Array, v: Array, scale: float, mask: Optional[Array] = None) -> Array:
+def qkv_heads(qkv: Array, q_bias: Array, v_bias: Array, heads: int, head_scale: Optional[Array] = None):
+    """The mat_qkv output [..., n, 3C] → q, k, v [..., n, heads, C / heads] float32 with the q/v biases added;
+    with head_scale [heads] (attn_l2_norm) q and k are L2-normalised per head and q is scaled per head."""
+    qkv = qkv.astype(jnp.float32)
+    c = qkv.shape[-1] // 3
+    qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
+    q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(*qkv.shape[:-1], heads, c // heads) for i in range(3))
+    if head_scale is not None:
+        q = l2_normalize(q) * head_scale[:, None]
+        k = l2_normalize(k)
+    return q, k, v
+
+
+def attention(q: Array, k: Array, v: Array, scale: float, mask: Optional[Array] = None,
+              kv_len: Optional[int] = None) -> Array:
     """softmax(q·kᵀ·scale [+ mask]) · v with q [B, T, H, D], k/v [B, S, H, D]; logits and softmax in float32.
 
-    On GPU with 16-bit inputs and no mask (KV-cached sampling) this is cuDNN's fused flash attention, which never
-    materialises the [B, H, T, S] scores."""
+    kv_len: only keys [0, kv_len) exist (a preallocated cache). On GPU with 16-bit inputs and no mask (KV-cached
+    sampling) this is cuDNN's fused flash attention, which never materialises the [B, H, T, S] scores and reads
+    the first kv_len keys in place (a padding mask) instead of a copied prefix."""
     if mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu":
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        lens = None if kv_len in (None, k.shape[1]) else jnp.full((q.shape[0],), kv_len, jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lens, implementation="cudnn")
+    if kv_len is not None:
+        k, v = k[:, :kv_len], v[:, :kv_len]
     logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
@@ -99,9 +119,12 @@ def attention(q: Array, k: Array, v: Array, scale: float, mask: Optional[Array] 
     return jnp.einsum("bhts,bshd->bthd", probs, v)
 
 
-def attend_visible(q: Array, k: Array, v: Array, scale: float, policy_attend=None) -> Array:
-    """Attention of q to the keys it may see: plain `attention`, or a quantization policy's (q, k, v) → out."""
-    return policy_attend(q, k, v) if policy_attend is not None else attention(q, k, v, scale)
+def attend_visible(q: Array, k: Array, v: Array, scale: float, policy_attend=None, kv_len: Optional[int] = None):
+    """Attention of q to the keys it may see (the first kv_len, default all): plain `attention`, or a quantization
+    policy's (q, k, v) → out on exactly those keys."""
+    if policy_attend is None:
+        return attention(q, k, v, scale, kv_len=kv_len)
+    return policy_attend(q, k[:, :kv_len], v[:, :kv_len])
 
 
 class Dense(nn.Module):
@@ -148,15 +171,15 @@ class SelfAttention(nn.Module):
         w = Dense(3 * c, "mat_qkv", use_bias=False, dtype=self.dtype, policy=self.policy, name="mat_qkv")
         q_bias = self.param("q_bias", nn.initializers.zeros, (c,), jnp.float32)
         v_bias = self.param("v_bias", nn.initializers.zeros, (c,), jnp.float32)
-        qkv = w(x).astype(jnp.float32) + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
-        qkv = qkv.reshape(b, n, 3, h, d)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        head_scale = None
         if cfg.attn_l2_norm:
             scale_mul = self.param("scale_mul", nn.initializers.constant(math.log(4.0)), (h,), jnp.float32)
-            scale_mul = jnp.exp(jnp.minimum(scale_mul, math.log(100.0)))
-            q = l2_normalize(q) * scale_mul[:, None]
-            k = l2_normalize(k)
-        q, k, v = (t.astype(self.dtype) for t in (q, k, v))
+            head_scale = jnp.exp(jnp.minimum(scale_mul, math.log(100.0)))
+        qkv = w(x)
+        if cache is not None and head_scale is not None and self.policy is None and fused_qkv.supported(qkv, d):
+            q, k, v = fused_qkv.qkv_heads(qkv, q_bias, v_bias, head_scale, h)    # sampling on GPU: one kernel
+        else:
+            q, k, v = (t.astype(self.dtype) for t in qkv_heads(qkv, q_bias, v_bias, h, head_scale))
 
         if cache is not None:
             out, cache = cache.attend(q, k, v, start, cfg.attn_scale, self._policy_attend())
@@ -230,8 +253,9 @@ class AdaLNBlock(nn.Module):
 class VAR(nn.Module):
     """Class-conditional next-scale prediction transformer.
 
-    Methods: `__call__` (teacher-forced logits), `condition`, `first_tokens`, `embed_next` and `step` (one
-    KV-cached scale) — the sampler composes the last four; `init_cache` allocates the cache.
+    Methods: `__call__` (teacher-forced logits); the sampler composes `condition`, `first_tokens`,
+    `block_modulations`, `cached_blocks` (one KV-cached scale), `logits` and `embed_next`; `init_cache` allocates
+    the cache.
     """
     cfg: VARConfig
     dtype: Any = jnp.float32
@@ -296,14 +320,19 @@ class VAR(nn.Module):
             x, _ = blk(x, bc)
         return self.logits(x, cond)
 
-    def step(self, x: Array, cond: Array, caches: list, start: int):
-        """One KV-cached scale: tokens x [B, n, C] at positions [start, start + n) → (logits, caches)."""
+    def block_modulations(self, cond: Array) -> list:
+        """Every block's AdaLN chunks [B, 6, C]: they depend on the class only, so the sampler computes them once."""
         bc = self.block_condition(cond)
-        new = []
-        for blk, cache in zip(self.blocks, caches):
-            x, cache = blk(x, bc, cache, start)
+        return [blk.modulation(bc) for blk in self.blocks]
+
+    def cached_blocks(self, x: Array, six: list, caches: list, start: int):
+        """All blocks on one KV-cached scale: tokens x [B, n, C] at positions [start, start + n) with
+        `block_modulations` six → (hidden [B, n, C] float32, caches)."""
+        x, new = x.astype(jnp.float32), []
+        for blk, m, cache in zip(self.blocks, six, caches):
+            x, cache = blk.modulated(x, m, cache, start)
             new.append(cache)
-        return self.logits(x, cond), new
+        return x, new
 
 
 @flax.struct.dataclass
@@ -317,8 +346,8 @@ class KVCache:
         policy_attend(q, k_visible, v_visible) replaces plain attention (quantized models)."""
         k_all = jax.lax.dynamic_update_slice_in_dim(self.k, k.astype(self.k.dtype), start, axis=1)
         v_all = jax.lax.dynamic_update_slice_in_dim(self.v, v.astype(self.v.dtype), start, axis=1)
-        end = start + q.shape[1]
-        return attend_visible(q, k_all[:, :end], v_all[:, :end], scale, policy_attend), KVCache(k_all, v_all)
+        out = attend_visible(q, k_all, v_all, scale, policy_attend, kv_len=start + q.shape[1])
+        return out, KVCache(k_all, v_all)
 
 
 def init_cache(cfg: VARConfig, batch: int, dtype=jnp.float32) -> list:
