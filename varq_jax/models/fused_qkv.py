@@ -1,4 +1,4 @@
-"""What follows the qkv GEMM of an L2-normalised attention, as one Pallas kernel on GPU (KV-cached sampling).
+"""What follows the qkv GEMM of an L2-normalised attention, as one Pallas kernel on GPU (the unrolled sampler).
 
 After `mat_qkv` the block adds the q/v biases, L2-normalises q and k per head, scales q per head and casts to
 the compute dtype. XLA emits two normalisation fusions that reach about a third of an H100's memory bandwidth;

@@ -176,7 +176,9 @@ class SelfAttention(nn.Module):
             scale_mul = self.param("scale_mul", nn.initializers.constant(math.log(4.0)), (h,), jnp.float32)
             head_scale = jnp.exp(jnp.minimum(scale_mul, math.log(100.0)))
         qkv = w(x)
-        if cache is not None and head_scale is not None and self.policy is None and fused_qkv.supported(qkv, d):
+        # The unrolled sampler's per-block cache only: the kernel has run on a GPU there, not yet inside lax.scan.
+        if (isinstance(cache, KVCache) and head_scale is not None and self.policy is None
+                and fused_qkv.supported(qkv, d)):
             q, k, v = fused_qkv.qkv_heads(qkv, q_bias, v_bias, head_scale, h)    # sampling on GPU: one kernel
         else:
             q, k, v = (t.astype(self.dtype) for t in qkv_heads(qkv, q_bias, v_bias, h, head_scale))
