@@ -4,7 +4,7 @@ Unrolling depth × scales block copies makes XLA compile minutes for d16/d30; sc
 block per scale. The cache is one [depth, B, L, H, D] buffer per k and v, updated in place; each block writes
 its keys once and reads exactly its visible prefix. The per-block modules are the same `AdaLNBlock`s (their
 params/quant trees are relative to the block, so module-path patterns that name blocks need the unrolled
-`VAR.step`).
+`VAR.cached_blocks`).
 """
 import functools
 
@@ -52,20 +52,11 @@ def _variables(params, quant) -> dict:
     return {"params": params, **({"quant": quant} if quant is not None else {})}
 
 
-def block_modulations(cfg: VARConfig, dtype, policy, block_params, block_quant, block_cond):
-    """Every block's AdaLN chunks [depth, B, 6, C] at once: they depend on the class only, not on the scale."""
-    block = AdaLNBlock(cfg, dtype, policy)
-
-    def one(p, q):
-        return block.apply(_variables(p, q), block_cond, method=AdaLNBlock.modulation)
-    return jax.vmap(one)(block_params, block_quant)
-
-
 def scan_blocks(cfg: VARConfig, dtype, policy, block_params, block_quant, x, six, cache, start: int,
                 collect: bool = False):
-    """All blocks on the tokens x [B, n, C] at positions [start, start + n), with `block_modulations` six.
-    Returns (x, cache, sown), where sown holds the blocks' 'intermediates' stacked over depth (empty unless
-    `collect`)."""
+    """All blocks on the tokens x [B, n, C] at positions [start, start + n), with the blocks' modulations
+    six [depth, B, 6, C] (`VAR.block_modulations`, stacked). Returns (x, cache, sown), where sown holds the
+    blocks' 'intermediates' stacked over depth (empty unless `collect`)."""
     block = AdaLNBlock(cfg, dtype, policy)
 
     def body(carry, xs):
