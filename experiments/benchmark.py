@@ -127,7 +127,8 @@ def bench_eval(preset, device_counts, rows):
         for n_dev in device_counts:
             mesh = parallel.make_mesh(devices=jax.devices()[:n_dev])
             spec = generate.params_spec(params)
-            gen = generate.compiled_generator(vae_cfg, var_cfg, settings, jnp.bfloat16, pol, mesh, spec)
+            gen = generate.compiled_generator(vae_cfg, var_cfg, settings, jnp.bfloat16, pol, mesh, spec,
+                                              scan_blocks=FLAGS.scan_blocks)
             placed = parallel.put_tree(params, parallel.param_shardings(params, mesh))
             rep = parallel.replicated(mesh)
             q_placed = parallel.put_tree(q, rep) if q is not None else None
@@ -146,7 +147,8 @@ def bench_eval(preset, device_counts, rows):
             for i in range(1, FLAGS.eval_steps + 1):
                 out = step(i)
             jax.block_until_ready(out)
-            _eval_row(rows, f"sharded generation {preset} {name} bf16", n_dev, per_step,
+            unrolled = "" if FLAGS.scan_blocks else " unrolled"
+            _eval_row(rows, f"sharded generation {preset} {name} bf16{unrolled}", n_dev, per_step,
                       (time.perf_counter() - t) / FLAGS.eval_steps, first_step_incl_compile_s=first)
 
 

@@ -33,6 +33,8 @@ flags.DEFINE_integer("shard_size", 0, "images per shard file, fixed for a run (0
 flags.DEFINE_integer("feature_batch", 32, "images per device per step of feature extraction")
 flags.DEFINE_integer("model_parallel", 1, "devices of the 'model' mesh axis (VAR kernels split over them)")
 flags.DEFINE_integer("grid_images", 64, "images in grid.png")
+flags.DEFINE_bool("scan_blocks", True, "scan the VAR blocks (fast compile) or unroll them (faster generation on GPU, "
+                  "about twice the compile time)")
 flags.DEFINE_string("inception", None, "converted FID Inception checkpoint (python -m varq_jax.eval.convert_inception)")
 flags.DEFINE_string("ref_batch", None, "ADM reference batch npz (statistics used when present); needs --inception")
 flags.DEFINE_string("ref_samples", None, "another sample set (ADM npz, e.g. the FP model's samples.npz)")
@@ -79,7 +81,8 @@ def eval_config():
                       model_parallel=FLAGS.model_parallel, grid_images=FLAGS.grid_images, inception=FLAGS.inception,
                       ref_batch=FLAGS.ref_batch, ref_samples=FLAGS.ref_samples, classifier=FLAGS.classifier,
                       num_real=FLAGS.num_real, zero_shot=FLAGS.zero_shot, tasks=tuple(FLAGS.tasks), box=box,
-                      edit_class=FLAGS.edit_class, compiler_options=_xla_options())
+                      edit_class=FLAGS.edit_class, compiler_options=_xla_options(),
+                      scan_blocks=FLAGS.scan_blocks)
 
 
 def main(argv):

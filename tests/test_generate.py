@@ -127,6 +127,20 @@ def test_model_axis_shards_the_kernels_and_keeps_the_images(model, reference, tm
     np.testing.assert_array_equal(G.load_samples(res.samples_path)[0], reference[1])
 
 
+def test_unrolled_blocks_give_the_same_set_and_may_resume_a_scanned_run(model, reference, tmp_path):
+    res = _generate(model, tmp_path / "unrolled", scan_blocks=False)
+    np.testing.assert_array_equal(G.load_samples(res.samples_path)[0], reference[1])
+    with open(tmp_path / "unrolled" / G.MANIFEST) as f:
+        assert '"scan_blocks": false' in f.read()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference[0], resumed)
+    os.remove(G.shard_path(str(resumed), 3))
+    logged = []
+    res = _generate(model, resumed, scan_blocks=False, log=logged.append)
+    assert res.generated == SHARD and any("scan_blocks=True, now False" in line for line in logged), logged
+    np.testing.assert_array_equal(G.load_samples(res.samples_path)[0], reference[1])
+
+
 def test_killed_run_resumes_to_the_identical_set(model, reference, tmp_path):
     out = tmp_path / "killed"
     written = []

@@ -164,6 +164,11 @@ def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant
 UNROLLED_FP_GPU_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
+def compiler_options(scan_blocks: bool, policy: Any) -> Optional[dict]:
+    """The XLA options of a sampling program: `UNROLLED_FP_GPU_OPTIONS` for unrolled full-precision blocks."""
+    return dict(UNROLLED_FP_GPU_OPTIONS) if not scan_blocks and policy is None else None
+
+
 class Sampler:
     """A compiled sampler for one (model, quantization policy, sampling settings); compiled once per batch size.
 
@@ -179,9 +184,8 @@ class Sampler:
         self.vae = VQVAE(vae_cfg, dtype)
         self.var = VAR(var_cfg, dtype, policy.for_inference() if policy is not None else None)
         validate(sampling, var_cfg, np.zeros(1, np.int32))
-        options = UNROLLED_FP_GPU_OPTIONS if not scan_blocks and policy is None else None
         self._generate = jax.jit(functools.partial(generate, self.vae, self.var, sampling, scan_blocks=scan_blocks),
-                                 compiler_options=options)
+                                 compiler_options=compiler_options(scan_blocks, policy))
 
     def per_image_keys(self, key: Array, batch: int) -> Array:
         key = jnp.asarray(key)

@@ -63,6 +63,7 @@ class EvalConfig:
     box: Tuple[float, float, float, float] = (0.25, 0.25, 0.75, 0.75)
     edit_class: int = 0
     compiler_options: Tuple = ()         # (name, value) XLA options for generation (tests: fast CPU compiles)
+    scan_blocks: bool = True             # False: unrolled blocks (faster generation on GPU, twice the compile time)
 
     def sampling_config(self, vocab_size: int) -> sampling.SamplingConfig:
         return sampling.SamplingConfig(cfg=self.cfg, top_k=min(self.top_k, vocab_size), top_p=self.top_p)
@@ -392,7 +393,7 @@ def evaluate_zero_shot(model: ModelCheckpoint, out_dir: str, config: EvalConfig,
             settings=config.sampling_config(var_cfg.vocab_size), mesh=mesh, per_device_batch=config.per_device_batch,
             shard_size=config.shard_size or None, dtype=DTYPES[config.dtype],
             conditioning=gen_lib.Conditioning(tuple(tokens), keep), grid_images=config.grid_images,
-            compiler_options=dict(config.compiler_options), log=log)
+            compiler_options=dict(config.compiler_options), scan_blocks=config.scan_blocks, log=log)
         out, _ = gen_lib.load_samples(run.samples_path)
         kept = np.repeat(np.repeat(keep, up, axis=1), up, axis=2)
         r = {"psnr_kept": float(np.nanmean(masked_psnr(out, images, kept))),
@@ -451,7 +452,8 @@ def evaluate(checkpoint: Optional[str], out_dir: str, config: EvalConfig, *, mes
     run = gen_lib.generate_samples(model, out_dir, labels=labels, seed=config.seed, settings=settings, mesh=mesh,
                                    per_device_batch=config.per_device_batch, shard_size=config.shard_size or None,
                                    dtype=DTYPES[config.dtype], grid_images=config.grid_images,
-                                   compiler_options=dict(config.compiler_options), log=log)
+                                   compiler_options=dict(config.compiler_options), scan_blocks=config.scan_blocks,
+                                   log=log)
     scores = sample_metrics(run.samples_path, labels, vcfg.num_classes, res, config, mesh)
     results = {
         "checkpoint": checkpoint or "default",

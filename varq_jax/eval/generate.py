@@ -82,30 +82,32 @@ def image_keys(seed, indices: jax.Array) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
 
 
-def _generate_uint8(vae, var, settings, params, quant, seed, labels, indices, gt_tokens, keep_mask):
+def _generate_uint8(vae, var, settings, scan_blocks, params, quant, seed, labels, indices, gt_tokens, keep_mask):
     images, _ = sampling.generate(vae, var, settings, params, quant, labels, image_keys(seed, indices),
-                                  gt_tokens, keep_mask)
+                                  gt_tokens, keep_mask, scan_blocks=scan_blocks)
     return jnp.clip(images * 255.0 + 0.5, 0, 255).astype(jnp.uint8)   # = image_io.to_uint8
 
 
 @functools.lru_cache(maxsize=16)
 def compiled_generator(vae_cfg, var_cfg, settings: sampling.SamplingConfig, dtype, policy, mesh,
-                       params_spec: Tuple, compiler_options: Tuple = ()) -> Callable:
+                       params_spec: Tuple, compiler_options: Tuple = (), scan_blocks: bool = True) -> Callable:
     """jit(generate → uint8) with NamedShardings: params per `parallel.param_shardings` (VAR kernels over 'model'),
     quant state and seed replicated, labels / indices / editing inputs / images split over 'data'.
 
     Signature: (params, quant, seed, labels [B], indices [B], gt_tokens | None, keep_mask | None)
     → uint8 images [B, H, W, 3].
     `params_spec` = (treedef, leaf shapes) of the params; it keys the cache. `compiler_options`: sorted (name, value)
-    pairs of XLA options (e.g. xla_backend_optimization_level=0 compiles CPU tests twice as fast).
+    pairs of XLA options (e.g. xla_backend_optimization_level=0 compiles CPU tests twice as fast), added to the
+    sampler's own (`sampling.compiler_options`). `scan_blocks=False`: the unrolled sampler (see `sampling.Sampler`).
     """
     treedef, shapes = params_spec
     sampler = sampling.Sampler(vae_cfg, var_cfg, settings, dtype=dtype, policy=policy)
     abstract = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, np.float32) for s in shapes])
     data, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    fn = functools.partial(_generate_uint8, sampler.vae, sampler.var, settings)
+    fn = functools.partial(_generate_uint8, sampler.vae, sampler.var, settings, scan_blocks)
+    options = {**(sampling.compiler_options(scan_blocks, policy) or {}), **dict(compiler_options)}
     return jax.jit(fn, in_shardings=(parallel.param_shardings(abstract, mesh), rep, rep, data, data, data, data),
-                   out_shardings=data, compiler_options=dict(compiler_options) or None)
+                   out_shardings=data, compiler_options=options or None)
 
 
 def params_spec(params) -> Tuple:
@@ -279,13 +281,14 @@ def generate_samples(model: ModelCheckpoint, out_dir: str, *, num_images: Option
                      per_device_batch: int = 16, shard_size: Optional[int] = None, dtype=jnp.bfloat16,
                      conditioning: Optional[Conditioning] = None, grid_images: int = 64,
                      on_shard: Optional[Callable[[int], None]] = None, compiler_options: Optional[dict] = None,
-                     log: Callable[[str], None] = logging.info) -> GenerationResult:
+                     scan_blocks: bool = True, log: Callable[[str], None] = logging.info) -> GenerationResult:
     """Generates (or completes) the sample set in `out_dir`; returns where it is and what this call did.
 
     `labels` (one per image) or `num_images` (labels i mod num_classes). `shard_size` (images per file, default
     `per_device_batch`) is fixed for the run; `per_device_batch` must be a multiple of it and may change between
     resumed calls. `on_shard(k)` runs after shard k is written (progress hooks; an exception stops the run, which
-    a later call resumes). `compiler_options`: XLA options for the generation program.
+    a later call resumes). `compiler_options`: XLA options for the generation program. `scan_blocks=False` unrolls
+    the blocks (faster steps on GPU, twice the compile time); like `per_device_batch` it may change on resume.
     """
     t_start = time.time()
     var_cfg = model.var_cfg
@@ -312,11 +315,12 @@ def generate_samples(model: ModelCheckpoint, out_dir: str, *, num_images: Option
 
     os.makedirs(os.path.join(out_dir, SHARD_DIR), exist_ok=True)
     plan = make_plan(model, labels, seed, settings, dtype, shard_size, conditioning)
-    old = _check_or_write_manifest(out_dir, plan, {"per_device_batch": per_device_batch,
-                                                   "description": model.meta.get("description", "")})
-    if old is not None and old.get("per_device_batch") not in (None, per_device_batch):
-        log(f"WARNING: {out_dir} was started with per_device_batch={old.get('per_device_batch')}, now "
-            f"{per_device_batch}: new shards are valid samples but may not be bit-identical to an uninterrupted run")
+    program = {"per_device_batch": per_device_batch, "scan_blocks": bool(scan_blocks)}
+    old = _check_or_write_manifest(out_dir, plan, {**program, "description": model.meta.get("description", "")})
+    for name, value in program.items():
+        if old is not None and old.get(name) not in (None, value):
+            log(f"WARNING: {out_dir} was started with {name}={old.get(name)}, now {value}: new shards are valid "
+                f"samples but may not be bit-identical to an uninterrupted run")
 
     num_shards = -(-n // shard_size)
     bounds = [(k * shard_size, min((k + 1) * shard_size, n)) for k in range(num_shards)]
@@ -340,7 +344,7 @@ def generate_samples(model: ModelCheckpoint, out_dir: str, *, num_images: Option
 
     options = tuple(sorted((compiler_options or {}).items()))
     generated = _run_steps(model, out_dir, mesh, labels, bounds, pending, seed, settings, dtype, conditioning,
-                           per_device_batch, shard_size, image_shape, reused, on_shard, options, log)
+                           per_device_batch, shard_size, image_shape, reused, on_shard, options, scan_blocks, log)
 
     samples_path, grid_path = os.path.join(out_dir, SAMPLES), os.path.join(out_dir, GRID)
     parallel.sync("varq_generate_shards_written")
@@ -353,7 +357,7 @@ def generate_samples(model: ModelCheckpoint, out_dir: str, *, num_images: Option
 
 
 def _run_steps(model, out_dir, mesh, labels, bounds, pending, seed, settings, dtype, conditioning,
-               per_device_batch, shard_size, image_shape, reused, on_shard, options, log) -> int:
+               per_device_batch, shard_size, image_shape, reused, on_shard, options, scan_blocks, log) -> int:
     """Generates the pending shards, whole shards per device; overlaps writing step t with computing step t+1."""
     if not pending:
         return 0
@@ -361,7 +365,7 @@ def _run_steps(model, out_dir, mesh, labels, bounds, pending, seed, settings, dt
     slots = per_device_batch * parallel.data_size(mesh) // shard_size      # shards per global batch
     batch = slots * shard_size
     gen = compiled_generator(model.vae_cfg, model.var_cfg, settings, dtype, model.policy, mesh,
-                             params_spec(model.params), options)
+                             params_spec(model.params), options, scan_blocks)
     params = parallel.put_tree(model.params, parallel.param_shardings(model.params, mesh))
     quant = None if model.quant is None else parallel.put_tree(model.quant, parallel.replicated(mesh))
     data = parallel.batch_sharding(mesh)
