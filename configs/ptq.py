@@ -6,6 +6,16 @@ Method switches, so that every ablation is one override away (or a preset argume
   brecq_sas       + shift-and-sum
   brecq_resample  + calibration data resampling
   full            both (the method of the paper; the default)
+Mixed precision, the LiteVAR setting as secondary sources describe it (the LiteVAR paper itself is not reachable
+here): the FC after GELU (fc2) kept at higher precision.
+  litevar         brecq + fc2's weights and input in 16 bits (counted at 16×16 BOPs)
+  full_litevar    full + the same fc2 rule
+  litevar_w8      brecq + fc2 at W8A8
+  full_litevar_w8 full + fc2 at W8A8
+
+Per-module rules: `--config.rules="({'pattern': 'head', 'w_bits': 8},)"` — user rules come before the method's and
+before what w_bits / a_bits / fp_modules expand to; for each setting the first matching rule that sets it wins
+(fields: varq_jax.quant.Rule).
 """
 import ml_collections
 
@@ -16,6 +26,15 @@ METHODS = {
     "brecq_resample": dict(reconstruction=True, rounding="adaround", shift_and_sum=False, resampling=True),
     "full": dict(reconstruction=True, rounding="adaround", shift_and_sum=True, resampling=True),
 }
+FC2 = "blocks_*/ffn/fc2"
+LITEVAR_FP16 = ({"pattern": FC2, "weights": False, "acts": False},)
+LITEVAR_W8A8 = ({"pattern": FC2, "w_bits": 8, "a_bits": 8},)
+METHODS.update({
+    "litevar": dict(METHODS["brecq"], method_rules=LITEVAR_FP16),
+    "full_litevar": dict(METHODS["full"], method_rules=LITEVAR_FP16),
+    "litevar_w8": dict(METHODS["brecq"], method_rules=LITEVAR_W8A8),
+    "full_litevar_w8": dict(METHODS["full"], method_rules=LITEVAR_W8A8),
+})
 
 
 def make(w_bits: int, a_bits: int, method: str = "full") -> ml_collections.ConfigDict:
@@ -25,12 +44,15 @@ def make(w_bits: int, a_bits: int, method: str = "full") -> ml_collections.Confi
     c.quantize = True
     c.w_bits, c.a_bits = w_bits, a_bits
     c.method = method
+    c.method_rules = ()                # the method's own rules (mixed precision), after the user's
     c.update(METHODS[method])
     c.quantize_weights = True          # per-site switches (ablations, sensitivity studies)
     c.quantize_acts = True
     c.quantize_attn = True
     c.fp_modules = ()                  # module path patterns kept in full precision, e.g. ("head", "blocks_0/*")
+    c.rules = ()                       # per-module rules, e.g. ({"pattern": "head", "w_bits": 8},), first
     c.dtype = "bfloat16"               # compute dtype of sampling passes
+    c.matmul_precision = "highest"     # float32 programs at HIGHEST precision (GPU TF32 / TPU bf16 otherwise) | default
 
     c.calib = ml_collections.ConfigDict(dict(
         num_samples=256, seed=2025, cfg=1.5, top_k=900, top_p=0.96, batch_size=32))

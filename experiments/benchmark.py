@@ -83,13 +83,13 @@ def bench_quant(preset, batches, repeats, rows):
     quant = jax.jit(state.init_quant_state, static_argnums=1)(params["var"], policy)
     # θ from one calibration sample's quantized sampling pass (as the official), timing the search itself.
     t = time.perf_counter()
-    means, counts = theta_lib.attention_statistics(vae_cfg, var_cfg, params, quant, policy, np.array([0]),
+    means, counts, bits = theta_lib.attention_statistics(vae_cfg, var_cfg, params, quant, policy, np.array([0]),
                                                    calibration.per_image_keys(0, [0]), _settings(var_cfg),
                                                    jnp.bfloat16)
     jax.block_until_ready(means)
     stats_s = time.perf_counter() - t
-    total = bops.total_bops(var_cfg, policy.w_bits, policy.a_bits)
-    search = lambda: bops.search_theta(means, counts, total, policy.a_bits, var_cfg.head_dim, 0.01, FLAGS.n_grids)
+    total = bops.total_bops(var_cfg, policy)
+    search = lambda: bops.search_theta(means, counts, total, bits, var_cfg.head_dim, 0.01, FLAGS.n_grids)
     t = time.perf_counter()
     theta = search()
     first = time.perf_counter() - t

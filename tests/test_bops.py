@@ -8,6 +8,7 @@ import pytest
 
 from varq_jax.models.var import VARConfig
 from varq_jax.quant import bops
+from varq_jax.quant.policy import QuantPolicy
 
 FIXTURES = os.environ.get("VARQ_BOPS_FIXTURES", os.path.join(os.path.dirname(__file__), "fixtures", "sas_bops.npz"))
 
@@ -33,14 +34,14 @@ _THETA_KEYS = sorted(k for k in _Z.files if k.startswith("theta_alpha"))
 
 
 def _budget_total():
-    return bops.total_bops(_CFG, _META["w_bit_for_theta"], _META["a_bit_for_theta"])
+    return bops.total_bops(_CFG, QuantPolicy(w_bits=int(_META["w_bit_for_theta"]), a_bits=int(_META["a_bit_for_theta"])))
 
 
 @pytest.mark.golden
 @pytest.mark.parametrize("key", _TOTAL_KEYS)
 def test_total_bops_match_official(key):
     w_bits, a_bits = (int(b) for b in key[len("total_bitops_w"):].split("a"))
-    assert bops.total_bops(_CFG, w_bits, a_bits) == int(_Z[key])
+    assert bops.total_bops(_CFG, QuantPolicy(w_bits=w_bits, a_bits=a_bits)) == int(_Z[key])
 
 
 def test_fixture_has_all_settings():
@@ -95,7 +96,7 @@ def test_search_theta_errors():
     with pytest.raises(ValueError, match="one query count"):
         bops.search_theta(_MEANS, _COUNTS[:-1], total, 6, 64)
     with pytest.raises(ValueError, match="bits"):
-        bops.total_bops(_CFG, 1, 6)
+        bops.total_bops(_CFG, QuantPolicy(w_bits=1, a_bits=6))
 
 
 def test_ten_thousand_grid_is_fast():

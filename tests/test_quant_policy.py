@@ -17,7 +17,7 @@ from varq_jax.models import zoo
 from varq_jax.models.build import init_params
 from varq_jax.models.var import VAR
 from varq_jax.models.vqvae import VQVAE
-from varq_jax.quant import state
+from varq_jax.quant import export, state
 from varq_jax.quant.policy import QuantPolicy
 
 VAE_CFG, VAR_CFG = zoo.tiny((1, 2, 3, 4))
@@ -76,15 +76,16 @@ def test_cached_sampling_equals_teacher_forced(model):
 
 
 def test_scanned_and_unrolled_blocks_agree(model):
-    """The sampler scans the blocks unless module-path patterns need them unrolled; both compute the same."""
+    """The sampler scans the blocks (or unrolls them on request); both compute the same."""
     p, q, toks, _ = model
     b, pn = 2, VAR_CFG.patch_nums[-1]
     outs = []
-    for fp in ((), ("no/such/module",)):
-        pol = dataclasses.replace(POLICY, acts=False, fp_modules=fp)
+    pol = dataclasses.replace(POLICY, acts=False)
+    for scan in (True, False):
         _, _, logged, sown = sampling.generate(VQVAE(VAE_CFG), VAR(VAR_CFG, jnp.float32, pol.for_inference()), SC, p,
                                                q, jnp.array([3, 4]), jax.random.split(jax.random.PRNGKey(0), b), toks,
-                                               jnp.ones((b, pn, pn)), collect_logits=True, collect_intermediates=True)
+                                               jnp.ones((b, pn, pn)), collect_logits=True, collect_intermediates=True,
+                                               scan_blocks=scan)
         outs.append((logged, sown))
     for (g1, _), (g2, _) in zip(outs[0][0], outs[1][0]):
         np.testing.assert_allclose(g1, g2, atol=2e-5)
@@ -114,15 +115,17 @@ def test_prequantized_weights_equal_on_the_fly(model):
     pol = dataclasses.replace(POLICY, acts=False)
     inf = pol.for_inference()
     assert inf.weights_prequantized
-    np.testing.assert_allclose(_tf_logits(inf, {"var": inf.prepare_params(p["var"], q)}, q, jnp.array([1, 2]), x),
+    w_hat, q_inf = inf.prepare_params(p["var"], q)
+    np.testing.assert_allclose(_tf_logits(inf, {"var": w_hat}, q_inf, jnp.array([1, 2]), x),
                                _tf_logits(pol, p, q, jnp.array([1, 2]), x), atol=2e-5)
 
 
 def test_integer_codes_round_trip_and_size(model):
     p, q, _, _ = model
-    rest, codes = state.export_quantized(p["var"], q, POLICY)
+    rest, codes, sites = export.export_codes(p["var"], q, POLICY)
     shapes = {k: np.shape(v["kernel"]) for k, v in _linear_nodes(p["var"]).items()}
-    back = state.import_quantized(rest, codes, q, POLICY, shapes)
+    assert {k: tuple(v["shape"]) for k, v in sites.items()} == shapes
+    back = export.import_codes(rest, codes, q, sites)
     want = state.materialize_weights(p["var"], q, POLICY)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -141,7 +144,7 @@ def _linear_nodes(tree, prefix=()):
     return out
 
 
-@pytest.mark.parametrize("kw", [dict(w_bits=1), dict(a_bits=9), dict(rounding="stochastic")])
+@pytest.mark.parametrize("kw", [dict(w_bits=1), dict(a_bits=9), dict(phase="stochastic")])
 def test_bad_policy(kw):
     with pytest.raises(ValueError):
         QuantPolicy(**kw)

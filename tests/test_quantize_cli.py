@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from varq_jax import checkpoint, default_model, sampling
-from varq_jax.quant import state
+from varq_jax.quant import export, state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.calib.num_samples=4", "--config.calib.batch_size=4", "--config.samples.num=2",
@@ -42,7 +42,7 @@ def test_outputs_and_report(baseline_run):
 
 def test_checkpoint_round_trip_gives_the_same_images(baseline_run):
     """The saved integer codes + scales reproduce the in-memory quantized model's samples exactly."""
-    ck = checkpoint.load(str(baseline_run / "model"))
+    ck = export.load_quantized(str(baseline_run / "model"))
     fp = default_model.load_model(None)
     pol = ck.policy
     assert pol is not None and (pol.w_bits, pol.a_bits) == (4, 6)
@@ -57,11 +57,11 @@ def test_checkpoint_round_trip_gives_the_same_images(baseline_run):
 
 
 def test_w4_codes_are_packed(baseline_run):
-    ck = checkpoint.load(str(baseline_run / "model"))
-    shapes = state.linear_kernel_shapes(ck.params["var"])
     raw = checkpoint.read_metadata(str(baseline_run / "model"))
-    assert raw["quant_policy"]["w_bits"] == 4 and raw["items"] == ["codes", "quant"]
-    n = sum(int(np.prod(s)) for s in shapes.values())
+    sites = raw["quantized"]["sites"]
+    assert raw["quantized"]["policy"]["w_bits"] == 4 and raw["items"] == ["codes", "quant"]
+    assert {s["bits"] for s in sites.values()} == {4}
+    n = sum(int(np.prod(s["shape"])) for s in sites.values())
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(baseline_run / "model" / "ckpt" / "codes")
                for f in fs)
     assert size < n * 2 / 3      # below bf16 by well over 3× (≈ 4× plus per-file overhead)
@@ -81,11 +81,11 @@ def test_full_method_small_budget_and_resume(tmp_path):
     assert "blocks_0/attn" in units and "blocks_5/ffn" in units and "head" in units and "word_embed" in units
     assert all(u["loss_start"] is not None and u["loss_end"] is not None for u in units.values())
     assert 0 < rep["theta"] <= 1 and len(rep["frequency_mismatch"]["after"]) == 7
-    codes_before = checkpoint.load(str(wd / "model")).params["var"]
+    codes_before = export.load_quantized(str(wd / "model")).params["var"]
     r = _quantize(wd, "--config=w4a6", *SMALL, "--config.recon.iters=4", "--config.samples.num=0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[calibration] done" in r.stdout and "blocks_0/attn" not in r.stdout      # nothing reconstructed again
-    again = checkpoint.load(str(wd / "model")).params["var"]
+    again = export.load_quantized(str(wd / "model")).params["var"]
     for a, b in zip(jax.tree.leaves(codes_before), jax.tree.leaves(again)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

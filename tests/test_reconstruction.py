@@ -135,7 +135,7 @@ def test_error_of_nearest_and_hard_equals_the_policy_roundings(params, calib, qu
     x = data.inputs.reshape(-1, *data.inputs.shape[2:])
     weights = rec.token_weights(cap.segments(VAR_CFG, target), x.shape[1])
     for rounding, q in (("nearest", mq), ("hard", {**mq, "alpha": alpha})):
-        module = target.spec.build(VAR_CFG, jnp.float32, dataclasses.replace(POLICY, rounding=rounding))
+        module = target.spec.build(VAR_CFG, jnp.float32, dataclasses.replace(POLICY, phase=rounding))
         pred = target.spec.apply(module, mp, q, x)
         direct = float(jnp.mean(rec.row_losses(pred, data.outputs.reshape(pred.shape), weights, 2.0)))
         via_soft = rec.module_error(VAR_CFG, target, mp, q, data, POLICY, rounding)
@@ -239,7 +239,7 @@ def test_the_loop_is_one_scan():
     a0 = rec.init_module_alpha(p, q, [()])
     x = jnp.ones((3, 2, 1, VAR_CFG.width))
     y = jnp.ones((3, 2, 1, 2 * VAR_CFG.width))
-    soft = cap.standalone_policy(POLICY, target, p, rounding="soft")
+    soft = cap.standalone_policy(POLICY, target, p, phase="soft")
     fn = functools.partial(rec.optimize_alpha.__wrapped__, target.spec, VAR_CFG, soft, rc, ((0, 1),))
     jaxpr = jax.make_jaxpr(fn)(p, q, a0, x, y, jax.random.PRNGKey(0)).jaxpr
     scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
@@ -309,7 +309,7 @@ def test_bad_input_is_refused_before_work(params, calib, quant):
         rec.ReconConfig(iters=0)
     with pytest.raises(ValueError, match="unknown reconstruction units"):
         run(labels, tokens, POLICY, units=["blocks_9/attn"])
-    with pytest.raises(ValueError, match="weights=True"):
+    with pytest.raises(ValueError, match="no Linear of the selected units"):
         run(labels, tokens, dataclasses.replace(POLICY, weights=False))
     with pytest.raises(ValueError, match="labels"):
         run(labels[:, None], tokens, POLICY)

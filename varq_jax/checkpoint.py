@@ -2,7 +2,8 @@
 
 A directory appears only when complete: everything is written into a hidden sibling directory that is
 renamed at the end, so an interrupted or failed save never leaves a half-written checkpoint behind.
-Extra pytree items (e.g. a quantized model's integer codes and scales) can be saved beside 'params'.
+Extra pytree items can be saved beside 'params' (a quantized model's integer codes and scales: `quant/export.py`,
+which omits the coded kernels from 'params' and names itself as the loader in the metadata).
 """
 import contextlib
 import dataclasses
@@ -16,6 +17,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from varq_jax.models.build import abstract_params
 from varq_jax.models.var import VARConfig
@@ -35,20 +37,8 @@ class ModelCheckpoint:
     meta: dict
     items: dict = dataclasses.field(default_factory=dict)
 
-    @property
-    def policy(self):
-        """The quantization policy of a quantized checkpoint (None for a full-precision one)."""
-        if "quant_policy" not in self.meta:
-            return None
-        from varq_jax.quant.policy import QuantPolicy
-        d = dict(self.meta["quant_policy"])
-        d["fp_modules"] = tuple(d.get("fp_modules", ()))
-        return QuantPolicy(**d)
-
-    @property
-    def quant(self):
-        """The 'quant' variable collection (weight scales, θ) of a quantized checkpoint, else None."""
-        return self.items.get("quant")
+    policy: Any = None        # set by varq_jax.quant.load_quantized for a quantized checkpoint
+    quant: Any = None         # its 'quant' collection (weight scales, θ)
 
 
 class CheckpointError(ValueError):
@@ -131,22 +121,36 @@ def _abstract_like(tree: Any, sharding) -> Any:
 
 
 def load(path: str, *, sharding=None) -> ModelCheckpoint:
-    """Restores a checkpoint; `sharding` (one Sharding, or a pytree of them matching params) places the
-    parameters straight onto a device mesh. A quantized checkpoint comes back with its Linear kernels
-    dequantized from the stored integer codes (ŵ), its 'quant' state in `.quant` and its policy in `.policy`."""
+    """Restores a full-precision checkpoint; `sharding` (one Sharding, or a pytree of them matching params) places
+    the parameters straight onto a device mesh. A checkpoint that names another loader in its metadata (a
+    quantized one) is refused with that loader's name."""
     meta = read_metadata(path)
+    loader = meta.get("loader") or ("varq_jax.quant.load_quantized" if "quant_policy" in meta else None)  # v1
+    if loader:
+        raise CheckpointError(f"{path!r} is a quantized checkpoint: load it with {loader} "
+                              f"(or varq_jax.default_model.load_model)")
+    return restore(path, meta, sharding=sharding)
+
+
+def _without(tree: dict, omitted) -> dict:
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    unknown = sorted(set(omitted) - set(flat))
+    if unknown:
+        raise CheckpointError(f"metadata omits parameters that the model does not have: {', '.join(unknown[:5])}")
+    return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in set(omitted)}, sep="/")
+
+
+def restore(path: str, meta: dict, *, omitted=(), sharding=None) -> ModelCheckpoint:
+    """The arrays of a checkpoint as saved: params (less the `omitted` leaves, 'vae/...'/'var/...' paths, which
+    another item holds) and every extra item. bf16 checkpoints stay bf16 (d30/d36 memory); float32 and mixed ones
+    are restored as float32."""
     vae_cfg = config_from_dict(VQVAEConfig, meta["vae"])
     var_cfg = config_from_dict(VARConfig, meta["var"])
-    # bf16 checkpoints stay bf16 (d30/d36 memory); float32 and mixed ones are restored as float32.
     dtype = np.dtype("bfloat16") if meta.get("dtype") == "bfloat16" else np.dtype("float32")
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), abstract_params(vae_cfg, var_cfg))
-    quantized = "quant_policy" in meta
-    if quantized:
-        from varq_jax.quant import state as qstate
-        kernel_shapes = qstate.linear_kernel_shapes(shapes["var"])
-        shapes = {"vae": shapes["vae"], "var": qstate.without_linear_kernels(shapes["var"])}
-    args = {"params": ocp.args.StandardRestore(_abstract_like(shapes, None if quantized else sharding)),
-            "metadata": ocp.args.JsonRestore()}
+    if omitted:
+        shapes = _without(shapes, omitted)
+    args = {"params": ocp.args.StandardRestore(_abstract_like(shapes, sharding)), "metadata": ocp.args.JsonRestore()}
     for name in meta.get("items", []):
         args[name] = ocp.args.StandardRestore()
     try:
@@ -155,27 +159,4 @@ def load(path: str, *, sharding=None) -> ModelCheckpoint:
     except Exception as e:   # orbax raises many types for truncated/corrupt files; name the checkpoint
         raise CheckpointError(f"cannot restore checkpoint {path!r}: {type(e).__name__}: {e}") from e
     items = {k: restored[k] for k in meta.get("items", [])}
-    params = restored["params"]
-    ck = ModelCheckpoint(vae_cfg, var_cfg, params, meta, items)
-    if quantized:
-        codes = {k.replace(".", "/"): v for k, v in items.pop("codes").items()}
-        var_params = qstate.import_quantized(params["var"], codes, items["quant"], ck.policy, kernel_shapes)
-        params = {"vae": params["vae"], "var": jax.tree.map(lambda a: np.asarray(a, dtype), var_params)}
-        if sharding is not None:
-            params = jax.device_put(params, sharding)
-        ck.params = params
-    return ck
-
-
-def save_quantized(path: str, ck: ModelCheckpoint, var_params: dict, quant: dict, policy, *,
-                   meta: Optional[dict] = None, overwrite: bool = False) -> str:
-    """A quantized model: Linear weights as packed integer codes + scales (a W4 model is ≈ 4× smaller than bf16),
-    everything else as in `ck`, the quantization state (scales, θ) and the policy in the metadata."""
-    from varq_jax.quant import state as qstate
-    stored = dataclasses.replace(policy, rounding="nearest", weights_prequantized=False)  # codes hold the rounding
-    rest, codes = qstate.export_quantized(var_params, quant, policy)
-    quant = qstate.without_alpha(quant)
-    meta = {**(meta or {}), "quant_policy": {**dataclasses.asdict(stored), "fp_modules": list(stored.fp_modules)}}
-    return save(path, ck.vae_cfg, ck.var_cfg, {"vae": ck.params["vae"], "var": rest}, meta=meta,
-                items={"quant": quant, "codes": {k.replace("/", "."): v for k, v in codes.items()}},
-                overwrite=overwrite)
+    return ModelCheckpoint(vae_cfg, var_cfg, restored["params"], meta, items)

@@ -30,9 +30,10 @@ def random_tiny() -> checkpoint.ModelCheckpoint:
 
 
 def load_model(path: Optional[str] = None, **kwargs) -> checkpoint.ModelCheckpoint:
-    """A checkpoint directory, or the embedded default when `path` is None."""
+    """A checkpoint directory (full-precision or quantized), or the embedded default when `path` is None."""
     if path is not None:
-        return checkpoint.load(path, **kwargs)
+        from varq_jax.quant.export import load_any
+        return load_any(path, **kwargs)
     default = default_path()
     return checkpoint.load(default, **kwargs) if default else random_tiny()
 

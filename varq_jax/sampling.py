@@ -7,6 +7,7 @@ its own key only — not on the batch it was generated in or the devices it ran 
 """
 import dataclasses
 import functools
+import logging
 from typing import Any, Optional, Sequence
 
 import jax
@@ -15,10 +16,11 @@ import numpy as np
 
 from varq_jax.models import stack
 from varq_jax.models.resize import resize
-from varq_jax.models.var import VAR, VARConfig, init_cache
+from varq_jax.models.var import VAR, VARConfig, block_site_paths, init_cache
 from varq_jax.models.vqvae import VQVAE, VQVAEConfig
 
 Array = jax.Array
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +92,7 @@ def keep_mask_at(keep_mask: Array, pn: int) -> Array:
 def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant: Optional[dict], labels: Array,
              keys: Array, gt_tokens: Optional[Sequence[Array]] = None, keep_mask: Optional[Array] = None,
              collect_logits: bool = False, collect_intermediates: bool = False, decode: bool = True,
-             scan_blocks: bool = True):
+             scan_blocks: bool = True, prepared: bool = False):
     """The whole next-scale loop. Returns (images [B, H, W, 3] in [0, 1], tokens per scale[, logits][, sown]).
 
     params: {'vae': ..., 'var': ...}; quant: the VAR's 'quant' collection (None for FP). For editing, gt_tokens are the
@@ -98,23 +100,27 @@ def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant
     tokens are teacher-forced at every scale. collect_logits adds per-scale (guided, masked) logits;
     collect_intermediates adds per scale what the blocks sowed (e.g. a quantization policy's attention statistics).
     decode=False returns the final f̂ [B, h, w, Cvae] instead of images (latents, or timing the transformer alone).
-    scan_blocks=False unrolls the blocks: 2–3× the compile time, less time per batch.
+    scan_blocks=False unrolls the blocks: 2–3× the compile time, less time per batch. prepared=True: params and
+    quant already went through the policy's `prepare_params` (done once outside the program).
     """
     cfg, pns = var.cfg, var.cfg.patch_nums
     b, sn = labels.shape[0], len(pns)
     vae_vars = {"params": params["vae"]}
-    var_params = params["var"] if var.policy is None else var.policy.prepare_params(params["var"], quant)
+    var_params = params["var"]
+    if var.policy is not None and not prepared:
+        var_params, quant = var.policy.prepare_params(var_params, quant)
     run = functools.partial(var.apply, {"params": var_params, **({"quant": quant} if quant is not None else {})})
     codebook = params["vae"]["embedding"]
 
     cond = run(jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)]), method=VAR.condition)
     x = run(cond, method=VAR.first_tokens)
     six = run(cond, method=VAR.block_modulations)
-    # Blocks scanned (one compiled block per scale) unless module-path patterns must tell the blocks apart.
-    scanned = scan_blocks and not getattr(var.policy, "fp_modules", ())
-    if scanned:
-        block_params = stack.stack_blocks(var_params, cfg.depth)
-        block_quant = stack.stack_blocks(quant, cfg.depth) if quant is not None else None
+    # Blocks scanned (one compiled block per scale), in runs of blocks whose sites resolve to the same rules.
+    runs = block_runs(cfg, var.policy) if scan_blocks else None
+    if runs is not None:
+        stacked = [(stack.stack_blocks(var_params, range(first, end)),
+                    stack.stack_blocks(quant, range(first, end)) if quant is not None else None,
+                    run_policy) for first, end, run_policy in runs]
         caches = stack.init_stacked_cache(cfg, 2 * b, var.dtype)
         six = jnp.stack(six)
     else:
@@ -123,11 +129,16 @@ def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant
     tokens, logged, sown = [], [], []
     for si, ((start, end), pn) in enumerate(zip(cfg.begin_ends, pns)):
         ratio = si / (sn - 1) if sn > 1 else 0.0
-        if scanned:
-            hidden, caches, inter = stack.scan_blocks(cfg, var.dtype, var.policy, block_params, block_quant, x, six,
-                                                      caches, start, collect_intermediates)
+        if runs is not None:
+            hidden, per_scale = x, {}
+            for (a, b_end, _), (block_params, block_quant, run_policy) in zip(runs, stacked):
+                hidden, caches, inter = stack.scan_blocks(cfg, var.dtype, run_policy, block_params, block_quant,
+                                                          hidden, six[a:b_end], caches, start, collect_intermediates,
+                                                          first=a)
+                if collect_intermediates:
+                    per_scale.update(stack.unstack_blocks(inter, range(a, b_end)))
             if collect_intermediates:
-                sown.append(stack.unstack_blocks(inter, cfg.depth))
+                sown.append(per_scale)
         elif collect_intermediates:
             (hidden, caches), inter = run(x, six, caches, start, method=VAR.cached_blocks, mutable=["intermediates"])
             sown.append(inter.get("intermediates", {}))
@@ -156,6 +167,26 @@ def generate(vae: VQVAE, var: VAR, sampling: SamplingConfig, params: dict, quant
             x = jnp.concatenate([x, x], axis=0)
     images = (vae.apply(vae_vars, f_hat, method=VQVAE.fhat_to_img) + 1) / 2 if decode else f_hat
     return (images, tokens) + ((logged,) if collect_logits else ()) + ((sown,) if collect_intermediates else ())
+
+
+def block_runs(cfg: VARConfig, policy: Any) -> list:
+    """(first, end, policy of the run) of each run of consecutive blocks whose sites resolve to the same rules: the
+    scanned sampler scans each run with the run's rules bound to its blocks (one run when all blocks resolve
+    alike, the common case; a rule for `blocks_3/ffn/fc2` makes runs [0, 3), [3, 4), [4, depth))."""
+    if policy is None or not hasattr(policy, "bind"):
+        return [(0, cfg.depth, policy)]
+    sites = block_site_paths(cfg)
+    bound = [policy.bind(f"blocks_{i}", sites) for i in range(cfg.depth)]
+    runs = []
+    for i, p in enumerate(bound):
+        if runs and runs[-1][2] == p:
+            runs[-1] = (runs[-1][0], i + 1, p)
+        else:
+            runs.append((i, i + 1, p))
+    if len(runs) > 1:
+        log.info("scanned sampler: blocks differ in their rules; scanning runs %s",
+                 ", ".join(f"[{a}, {b})" for a, b, _ in runs))
+    return runs
 
 
 # Unrolled full-precision blocks on GPU: with Triton GEMM fusions off, XLA gives fc1 cuBLASLt's bias+GELU epilogue

@@ -21,8 +21,9 @@ class MatmulPolicy:
         return self
 
     def prepare_params(self, var_params, quant):
-        """Called once per sampling call by the inference policy, before the scale loop."""
-        return var_params
+        """Called once per sampling call by the inference policy, before the scale loop: the (params, quant)
+        the blocks then run with (e.g. kernels quantized once)."""
+        return var_params, quant
 
     def dense(self, module, x, kernel, bias):
         raise NotImplementedError

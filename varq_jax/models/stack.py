@@ -2,9 +2,9 @@
 
 Unrolling depth × scales block copies makes XLA compile minutes for d16/d30; scanning the blocks compiles one
 block per scale. The cache is one [depth, B, L, H, D] buffer per k and v, updated in place; each block writes
-its keys once and reads exactly its visible prefix. The per-block modules are the same `AdaLNBlock`s (their
-params/quant trees are relative to the block, so module-path patterns that name blocks need the unrolled
-`VAR.cached_blocks`).
+its keys once and reads exactly its visible prefix. The per-block modules are the same `AdaLNBlock`s; their
+params/quant trees and module paths are relative to the block, so a quantization policy is bound to the blocks
+of a scan (the sampler scans runs of blocks whose rules resolve alike).
 """
 import functools
 
@@ -17,13 +17,16 @@ from varq_jax.models.var import AdaLNBlock, VARConfig, attend_visible
 Array = jax.Array
 
 
-def stack_blocks(tree: dict, depth: int):
-    """{'blocks_0': t₀, …} → the block subtrees stacked on a leading depth axis."""
-    return jax.tree.map(lambda *a: jnp.stack(a), *[tree[f"blocks_{i}"] for i in range(depth)])
+def stack_blocks(tree: dict, blocks) -> dict:
+    """{'blocks_0': t₀, …} → the subtrees of the given blocks (an int: the first that many) on a leading axis."""
+    blocks = range(blocks) if isinstance(blocks, int) else blocks
+    return jax.tree.map(lambda *a: jnp.stack(a), *[tree[f"blocks_{i}"] for i in blocks])
 
 
-def unstack_blocks(tree, depth: int) -> dict:
-    return {f"blocks_{i}": jax.tree.map(lambda a: a[i], tree) for i in range(depth)}
+def unstack_blocks(tree, blocks) -> dict:
+    """Inverse of `stack_blocks`: {'blocks_i': row j} for the j-th of the given blocks."""
+    blocks = range(blocks) if isinstance(blocks, int) else blocks
+    return {f"blocks_{i}": jax.tree.map(lambda a: a[j], tree) for j, i in enumerate(blocks)}
 
 
 def init_stacked_cache(cfg: VARConfig, batch: int, dtype) -> tuple:
@@ -53,10 +56,11 @@ def _variables(params, quant) -> dict:
 
 
 def scan_blocks(cfg: VARConfig, dtype, policy, block_params, block_quant, x, six, cache, start: int,
-                collect: bool = False):
-    """All blocks on the tokens x [B, n, C] at positions [start, start + n), with the blocks' modulations
-    six [depth, B, 6, C] (`VAR.block_modulations`, stacked). Returns (x, cache, sown), where sown holds the
-    blocks' 'intermediates' stacked over depth (empty unless `collect`)."""
+                collect: bool = False, first: int = 0):
+    """The stacked blocks first, first + 1, … on the tokens x [B, n, C] at positions [start, start + n), with
+    their modulations six [blocks, B, 6, C] (`VAR.block_modulations`, stacked); the cache holds every block.
+    Returns (x, cache, sown), where sown holds the blocks' 'intermediates' stacked (empty unless `collect`).
+    `policy` sees block-relative paths: bind it to the blocks (`QuantPolicy.bind`, `sampling.block_runs`)."""
     block = AdaLNBlock(cfg, dtype, policy)
 
     def body(carry, xs):
@@ -72,5 +76,6 @@ def scan_blocks(cfg: VARConfig, dtype, policy, block_params, block_quant, x, six
         return (h, view.k, view.v), sown
 
     carry = (x.astype(jnp.float32), *cache)      # the residual stream stays float32
-    (x, kc, vc), sown = jax.lax.scan(body, carry, (block_params, block_quant, six, jnp.arange(cfg.depth)))
+    n = six.shape[0]
+    (x, kc, vc), sown = jax.lax.scan(body, carry, (block_params, block_quant, six, jnp.arange(first, first + n)))
     return x, (kc, vc), sown

@@ -337,6 +337,11 @@ class VAR(nn.Module):
         return x, new
 
 
+def block_site_paths(cfg: VARConfig) -> list:
+    """Paths of a block's matmul sites relative to the block: its Linears and its attention ('attn')."""
+    return (["ada_lin"] if not cfg.shared_aln else []) + ["attn/mat_qkv", "attn", "attn/proj", "ffn/fc1", "ffn/fc2"]
+
+
 @flax.struct.dataclass
 class KVCache:
     """One block's preallocated keys and values [B, L, H, D], written in place one scale at a time."""

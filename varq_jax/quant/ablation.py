@@ -156,11 +156,8 @@ def _json_config(config) -> dict:
 
 def check_runs(runs: Sequence[Run], var_cfg, workdir: str) -> None:
     """Each config is valid for the model, and no run in `workdir` was started with another config."""
-    from varq_jax.quant.recon_stage import recon_config
     for r in runs:
         pipeline.validate_config(r.config, var_cfg)
-        if r.config.reconstruction:
-            recon_config(r.config)
         path = os.path.join(workdir, r.name, PTQ_CONFIG)
         if os.path.exists(path):
             old, new = json.load(open(path)), _json_config(r.config)
@@ -247,16 +244,15 @@ def _calibration_tokens(ck, runs: Sequence[Run], workdir: str, num: int):
 
 def _search_theta(ck, config) -> float:
     """θ as the pipeline searches it before reconstruction (min-max weights, round to nearest)."""
-    policy = dataclasses.replace(pipeline.policy_from_config(config), rounding="nearest", shift_and_sum=True)
+    policy = dataclasses.replace(pipeline.policy_from_config(config), phase="nearest", shift_and_sum=True)
     quant = state.init_quant_state(ck.params["var"], policy)
     n = config.theta.num_samples
     labels = calibration.calibration_labels(config.calib.num_samples, ck.var_cfg.num_classes, config.calib.seed)[:n]
     keys = calibration.per_image_keys(config.calib.seed + 1, np.arange(n))
-    means, counts = theta_lib.attention_statistics(ck.vae_cfg, ck.var_cfg, ck.params, quant, policy, labels, keys,
-                                                   pipeline.calib_settings(config, ck.var_cfg),
-                                                   pipeline.DTYPES[config.dtype])
-    theta, _ = theta_lib.search(ck.var_cfg, means, counts, policy.w_bits, policy.a_bits, config.theta.alpha,
-                                config.theta.n_grids)
+    means, counts, bits = theta_lib.attention_statistics(ck.vae_cfg, ck.var_cfg, ck.params, quant, policy, labels,
+                                                         keys, pipeline.calib_settings(config, ck.var_cfg),
+                                                         pipeline.DTYPES[config.dtype])
+    theta, _ = theta_lib.search(ck.var_cfg, means, counts, bits, policy, config.theta.alpha, config.theta.n_grids)
     return theta
 
 
@@ -322,7 +318,7 @@ def run_ablation(presets: Sequence[str], methods: Sequence[str], eval_config: ev
     fp_dir = os.path.join(workdir, "fp")
     log("[fp] evaluation ...")
     fp_results, fp_s = _evaluate(checkpoint, fp_dir, eval_config, res, num_images, vocab, mesh, log, model=ck)
-    fp_bops = pipeline.bops_report(ck.var_cfg, pipeline.policy_from_config(runs[0].config))["fp16"]
+    fp_bops = pipeline.bops_report(ck.var_cfg, None)["fp16"]
     rows = [_row("fp", "fp", "–", fp_results, fp_s, None, bops=fp_bops)]
     q_config = dataclasses.replace(eval_config, ref_samples=fp_results["samples"]["path"])
     res.ref_samples = metrics.load_reference_batch(q_config.ref_samples)

@@ -66,26 +66,64 @@ def attention_pairs(cfg) -> List[tuple]:
     return list(zip(queries, keys))
 
 
-def total_bops(cfg, w_bits: int, a_bits: int) -> int:
-    """BOPs of the quantized transformer for one image: all quantized Linears plus QKᵀ and A·V per block."""
-    quantizers.check_bits(w_bits)
-    quantizers.check_bits(a_bits)
-    linear = sum(s.out_features * s.in_features * t * w_bits * a_bits * s.multiplier
-                 for s in linear_sites(cfg) for t in s.token_counts)
-    per_matmul = sum(cfg.heads * s1 * s2 * a_bits ** 2 * cfg.head_dim for s1, s2 in attention_pairs(cfg))
+FP_BITS = 16     # a site its rule keeps in full precision is charged as a 16-bit operand (fp16 inference)
+
+
+class SiteBops(NamedTuple):
+    path: str
+    kind: str            # linear | attention
+    w_bits: int          # bits charged (FP_BITS where the rule keeps the operand in full precision)
+    a_bits: int
+    macs: int            # multiply-accumulates per image
+    bops: int            # macs · w_bits · a_bits (attention: both matmuls, a_bits²)
+
+
+def total_macs(cfg) -> int:
+    """Multiply-accumulates per image of the transformer's matmuls (every Linear, QKᵀ and A·V)."""
+    linear = sum(s.out_features * s.in_features * t * s.multiplier for s in linear_sites(cfg) for t in s.token_counts)
+    per_matmul = sum(cfg.heads * s1 * s2 * cfg.head_dim for s1, s2 in attention_pairs(cfg))
     return int(linear + 2 * cfg.depth * per_matmul)
+
+
+def site_bops(cfg, policy) -> List[SiteBops]:
+    """BOPs of every site under the policy's rules: a Linear costs out·in·tokens·w_bits·a_bits summed over the token
+    counts it sees, each attention matmul heads·s1·s2·head_dim·a_bits² per scale (16 bits where a rule keeps the
+    operand in full precision)."""
+    out = []
+    attn_macs = sum(cfg.heads * s1 * s2 * cfg.head_dim for s1, s2 in attention_pairs(cfg))
+    for s in linear_sites(cfg):
+        r = policy.rule_for(s.name)
+        macs = sum(s.out_features * s.in_features * t * s.multiplier for t in s.token_counts)
+        wb, ab = (r.w_bits if r.weights else FP_BITS), (r.a_bits if r.acts else FP_BITS)
+        out.append(SiteBops(s.name, "linear", wb, ab, int(macs), int(macs * wb * ab)))
+        if s.name.endswith("/attn/mat_qkv"):
+            path = s.name[:-len("/mat_qkv")]
+            ra = policy.rule_for(path)
+            ab = ra.a_bits if ra.attn else FP_BITS
+            out.append(SiteBops(path, "attention", ab, ab, 2 * attn_macs, 2 * attn_macs * ab * ab))
+    return out
+
+
+def total_bops(cfg, policy) -> int:
+    """BOPs of the quantized transformer for one image under the policy (`site_bops` summed)."""
+    return int(sum(s.bops for s in site_bops(cfg, policy)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Extra BOPs of shift-and-sum and the θ search
 # ---------------------------------------------------------------------------------------------------------------
-def _check_stats(attn_means: Sequence, query_counts: Sequence[int]):
+def _check_stats(attn_means: Sequence, query_counts: Sequence[int], a_bits) -> list:
+    """The per-mean activation bits (a_bits: one int for all, or one per attention mean)."""
     if len(attn_means) != len(query_counts) or not attn_means:
         raise ValueError(f"need one query count per attention mean; got {len(attn_means)} means and "
                          f"{len(query_counts)} counts")
     for m in attn_means:
         if np.ndim(m) != 3:
             raise ValueError(f"attention means must be [b, h, s2], got shape {np.shape(m)}")
+    bits = [a_bits] * len(attn_means) if isinstance(a_bits, (int, np.integer)) else list(a_bits)
+    if len(bits) != len(attn_means):
+        raise ValueError(f"need one a_bits per attention mean; got {len(bits)} for {len(attn_means)}")
+    return [quantizers.check_bits(int(b)) for b in bits]
 
 
 def _fixed_bops(attn_means, query_counts) -> int:
@@ -102,18 +140,17 @@ def _copy_bops(s1: int, head_dim: int, a_bits: int) -> int:
     return s1 * head_dim * a_bits ** 2 + head_dim * _MEAN_BITS + s1
 
 
-def sas_extra_bops(attn_means: Sequence, query_counts: Sequence[int], theta: float, a_bits: int,
+def sas_extra_bops(attn_means: Sequence, query_counts: Sequence[int], theta: float, a_bits,
                    head_dim: int) -> float:
     """Extra BOPs per image of shift-and-sum at threshold θ, from per-(block, scale) mean FP attention
     [b, h, s2] over the s1 queries of that scale: fixed costs plus, per extra copy N = Σ(2^n − 1),
-    s1·head_dim·a² + 16·head_dim + s1; all divided by b."""
-    _check_stats(attn_means, query_counts)
-    quantizers.check_bits(a_bits)
+    s1·head_dim·a² + 16·head_dim + s1; all divided by b. a_bits: one int, or one per mean (mixed precision)."""
+    bits = _check_stats(attn_means, query_counts, a_bits)
     extra = 0.0
-    for m, s1 in zip(attn_means, query_counts):
+    for m, s1, ab in zip(attn_means, query_counts, bits):
         orders = np.asarray(quantizers.shift_orders(np.asarray(m, np.float32), np.float32(theta)))
         copies = int(np.sum(2 ** orders - 1))
-        extra += copies * _copy_bops(int(s1), head_dim, a_bits) / np.shape(m)[0]
+        extra += copies * _copy_bops(int(s1), head_dim, ab) / np.shape(m)[0]
     return _fixed_bops(attn_means, query_counts) + extra
 
 
@@ -140,17 +177,16 @@ def _weighted_copies(sorted_means: Array, thetas: Array) -> Array:
     return total
 
 
-def sas_extra_bops_grid(attn_means: Sequence, query_counts: Sequence[int], thetas, a_bits: int,
+def sas_extra_bops_grid(attn_means: Sequence, query_counts: Sequence[int], thetas, a_bits,
                         head_dim: int) -> np.ndarray:
     """`sas_extra_bops` for every θ of `thetas` at once (float64 [G]): one jitted evaluation. Elements are
-    grouped by (s1, b), which fixes the cost of a copy; within a group the copy count for all θ comes from
-    one sort and binary searches, so G = 10,000 costs milliseconds."""
-    _check_stats(attn_means, query_counts)
-    quantizers.check_bits(a_bits)
+    grouped by (s1, b, a_bits), which fixes the cost of a copy; within a group the copy count for all θ comes
+    from one sort and binary searches, so G = 10,000 costs milliseconds."""
+    bits = _check_stats(attn_means, query_counts, a_bits)
     groups = {}
-    for m, s1 in zip(attn_means, query_counts):
+    for m, s1, ab in zip(attn_means, query_counts, bits):
         m = np.asarray(m, np.float32)
-        groups.setdefault((int(s1), m.shape[0]), []).append(m.ravel())
+        groups.setdefault((int(s1), m.shape[0], ab), []).append(m.ravel())
     keys = sorted(groups)
     flat = [np.concatenate(groups[k]) for k in keys]
     width = max(f.size for f in flat)
@@ -158,11 +194,11 @@ def sas_extra_bops_grid(attn_means: Sequence, query_counts: Sequence[int], theta
     for row, f in zip(padded, flat):
         row[width - f.size:] = np.sort(f)
     copies = np.asarray(_weighted_copies(jnp.asarray(padded), jnp.asarray(thetas, jnp.float32)))
-    cost = np.array([_copy_bops(s1, head_dim, a_bits) / b for s1, b in keys], np.float64)
+    cost = np.array([_copy_bops(s1, head_dim, ab) / b for s1, b, ab in keys], np.float64)
     return _fixed_bops(attn_means, query_counts) + copies.astype(np.float64) @ cost
 
 
-def search_theta(attn_means: Sequence, query_counts: Sequence[int], total: float, a_bits: int, head_dim: int,
+def search_theta(attn_means: Sequence, query_counts: Sequence[int], total: float, a_bits, head_dim: int,
                  alpha: float = 0.01, n_grids: int = 10_000) -> float:
     """The reference's θ: on linspace(1/G, 1, G), the number of candidates whose extra BOPs exceed α·total
     indexes the chosen θ (the smallest candidate within budget, extra BOPs falling with θ).

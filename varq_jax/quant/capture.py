@@ -14,7 +14,6 @@ at every scale. With FP inputs (the default) the block units' data comes from a 
 tokens entering the current block and moves one block forward at a time.
 """
 import dataclasses
-import fnmatch
 import functools
 from typing import Any, Optional, Sequence
 
@@ -27,7 +26,6 @@ from flax import traverse_util
 
 from varq_jax.models.var import FFN, VAR, AdaLNBlock, Dense, SelfAttention, VARConfig
 from varq_jax.models.vqvae import VQVAE, VQVAEConfig
-from varq_jax.quant import quantizers
 from varq_jax.quant.policy import QuantPolicy
 
 Array = jax.Array
@@ -146,41 +144,33 @@ def linear_paths(module_params: dict) -> list:
     return sorted(p[:-1] for p, a in flat.items() if p[-1] == "kernel" and np.ndim(a) == 2)
 
 
+def unit_sites(target: ReconTarget, module_params: dict) -> list:
+    """Module-relative paths of the unit's sites: its Linears and, for an attention unit, the attention itself."""
+    rel = ["/".join(p) for p in linear_paths(module_params)]
+    return ([""] if target.spec.kind == "attn" else []) + rel
+
+
 def standalone_policy(policy: QuantPolicy, target: ReconTarget, module_params: dict, **changes) -> QuantPolicy:
-    """The policy for the unit applied on its own: module paths are then relative to it, so `fp_modules` patterns
-    (written for full paths) are resolved here into the exact relative paths they cover."""
-    rel_paths = {()} | set(linear_paths(module_params))
-    full = lambda rel: "/".join(target.path + rel)
-    fp = tuple(sorted("/".join(rel) for rel in rel_paths
-                      if any(fnmatch.fnmatchcase(full(rel), pat) for pat in policy.fp_modules)))
-    return dataclasses.replace(policy, fp_modules=fp, weights_prequantized=False, **changes)
+    """The policy for the unit applied on its own: the rules of its sites' full paths, bound to the unit
+    (`QuantPolicy.bind`), so a rule for `blocks_3/ffn/fc2` applies here as in the whole model."""
+    bound = policy.bind(target.name, unit_sites(target, module_params))
+    return dataclasses.replace(bound, weights_prequantized=False, **changes)
 
 
 def trainable_linears(policy: QuantPolicy, target: ReconTarget, module_params: dict) -> list:
-    """Module-relative paths of the Linears whose rounding is learned (not kept in full precision)."""
-    full = lambda rel: "/".join(target.path + rel)
-    return [rel for rel in linear_paths(module_params)
-            if not any(fnmatch.fnmatchcase(full(rel), pat) for pat in policy.fp_modules)]
+    """Module-relative paths of the Linears whose rounding is learned: weights quantized, rounding 'adaround'."""
+    out = []
+    for rel in linear_paths(module_params):
+        rule = policy.rule_for("/".join(target.path + rel))
+        if rule.weights and rule.rounding == "adaround":
+            out.append(rel)
+    return out
 
 
-@dataclasses.dataclass(frozen=True)
-class LearnedOrNearestPolicy(QuantPolicy):
-    """Hard AdaRound where a Linear already has α, nearest rounding elsewhere: the partly reconstructed model
-    that produces the inputs in `quantized_inputs` mode."""
-
-    def quantized_kernel(self, module, kernel):
-        if not self.weights_prequantized and module.get_variable("quant", "alpha") is None:
-            delta, zp = module.get_variable("quant", "delta"), module.get_variable("quant", "zero_point")
-            if delta is None:
-                raise ValueError(f"no 'quant' state for {'/'.join(module.scope.path)}")
-            return quantizers.fake_quant_weight(kernel, delta, zp, self.w_bits)
-        return super().quantized_kernel(module, kernel)
-
-
-def partial_model_policy(policy: QuantPolicy) -> LearnedOrNearestPolicy:
-    fields = {f.name: getattr(policy, f.name) for f in dataclasses.fields(QuantPolicy)}
-    fields.update(rounding="hard", weights_prequantized=False)
-    return LearnedOrNearestPolicy(**fields)
+def partial_model_policy(policy: QuantPolicy) -> QuantPolicy:
+    """The partly reconstructed model that gives the inputs in `quantized_inputs` mode: learned (hard) rounding
+    where a Linear already has α, nearest elsewhere — the same policy (subclass and rules kept), phase 'hard'."""
+    return dataclasses.replace(policy, phase="hard", weights_prequantized=False)
 
 
 @flax.struct.dataclass
@@ -405,3 +395,24 @@ class BlockStream:
         if target.name not in self.units:
             raise ValueError(f"block {i} has no unit {slot[1]!r}")
         return self.units[target.name]
+
+
+# --- calibrated activation-quantizer state ---------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("vae_cfg", "var_cfg", "policy"))
+def _observe_batch(vae_cfg, var_cfg, policy, params, quant, labels, tokens):
+    labels2, x2 = _doubled_inputs(vae_cfg, var_cfg, params, labels, tokens)
+    model = VAR(var_cfg, jnp.float32, dataclasses.replace(policy, observe_acts=True))
+    _, updated = model.apply({"params": params["var"], "quant": quant}, labels2, x2, mutable=["quant"])
+    return updated["quant"]
+
+
+def observe_activations(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, quant: dict, policy: QuantPolicy,
+                        labels, tokens, *, batch_size: int = 8) -> dict:
+    """The quant tree with every stateful activation quantizer's state folded over the calibration set: one
+    teacher-forced (CFG-doubled) forward per batch with the policy observing its inputs (`observe` per batch)."""
+    labels, tokens = check_calibration(var_cfg, labels, tokens)
+    for idx, keep in _chunks(labels.shape[0], batch_size):
+        idx = idx[:keep]
+        quant = _observe_batch(vae_cfg, var_cfg, policy, params, quant, jnp.asarray(labels[idx]),
+                               [jnp.asarray(t[idx]) for t in tokens])
+    return quant

@@ -38,11 +38,12 @@ class AVErrorPolicy(QuantPolicy):
         theta = module.get_variable("quant", "theta")
         if theta is None:
             raise ValueError(f"no θ for {'/'.join(module.scope.path)}: pass it in the 'quant' collection")
-        logits = attention_logits(q.astype(jnp.float32) * scale, k, self.a_bits, quantize=False)
+        a_bits = self.module_rule(module).a_bits
+        logits = attention_logits(q.astype(jnp.float32) * scale, k, a_bits, quantize=False)
         probs = jax.nn.softmax(logits, axis=-1)
-        fp, _ = attend_values(probs, v, self.a_bits, quantize=False)
-        sas, _ = attend_values(probs, v, self.a_bits, theta, quantize=True, shift_and_sum=True)
-        plain, _ = attend_values(probs, v, self.a_bits, quantize=True, shift_and_sum=False)
+        fp, _ = attend_values(probs, v, a_bits, quantize=False)
+        sas, _ = attend_values(probs, v, a_bits, theta, quantize=True, shift_and_sum=True)
+        plain, _ = attend_values(probs, v, a_bits, quantize=True, shift_and_sum=False)
         module.sow("intermediates", AV_ERROR, jnp.stack([jnp.sum(jnp.square(sas - fp)),
                                                          jnp.sum(jnp.square(plain - fp)), jnp.sum(jnp.square(fp))]))
         return fp.astype(q.dtype)

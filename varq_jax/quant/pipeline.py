@@ -1,12 +1,16 @@
 """The Shift-and-Sum PTQ pipeline: calibration → weight-quantizer init → θ → resampling → reconstruction → θ.
 
-`run_ptq(ck, config, workdir)` is what `python -m experiments.quantize` runs. Each finished stage leaves its
-result in `workdir` (written atomically), so a stopped run resumes where it stopped; reconstruction resumes
-from its last finished module. Stage wall times, θ, BOPs and per-layer quantization errors go into the report.
+`ptq(model, policy, settings, workdir)` runs it on typed settings (`settings.py`); `run_ptq(ck, config, workdir)` is
+what `python -m experiments.quantize` runs: the config becomes (policy, settings) once, then `ptq`. Each finished
+stage leaves its result in `workdir` (written atomically), so a stopped run resumes where it stopped;
+reconstruction resumes from its last finished module. Stage wall times, θ, BOPs per site and per-layer
+quantization errors go into the report.
 """
+import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -19,43 +23,70 @@ from varq_jax import sampling
 from varq_jax.checkpoint import ModelCheckpoint
 from varq_jax.models.var import VAR
 from varq_jax.models.vqvae import VQVAE
-from varq_jax.quant import bops, calibration, resampling, state, theta as theta_lib
+from varq_jax.quant import bops, calibration, capture, registry, resampling, rules, state, theta as theta_lib
 from varq_jax.quant.policy import QuantPolicy
+from varq_jax.quant.settings import PTQSettings
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
+def config_rules(config) -> tuple:
+    """The rule table a config asks for: the user's `rules`, then the method's (e.g. LiteVAR's fc2 rule)."""
+    out = []
+    for field in ("rules", "method_rules"):
+        for r in config.get(field, ()) or ():
+            try:
+                out.append(rules.as_rule(r))
+            except ValueError as e:
+                raise ValueError(f"{field}: {e}") from None
+    return tuple(out)
+
+
 def policy_from_config(config) -> QuantPolicy:
-    return QuantPolicy(w_bits=config.w_bits, a_bits=config.a_bits, weights=config.quantize_weights,
-                       acts=config.quantize_acts, attn=config.quantize_attn, shift_and_sum=config.shift_and_sum,
-                       rounding="hard" if config.rounding == "adaround" and config.reconstruction else "nearest",
-                       fp_modules=tuple(config.fp_modules))
-
-
-def validate_config(config, var_cfg) -> None:
-    """Every check that can fail, before any work (bits, θ grid, sizes, names)."""
+    """The rule table of a config: its rules, then what w_bits / a_bits / fp_modules / the switches expand to."""
     if config.rounding not in ("nearest", "adaround"):
         raise ValueError(f"rounding must be 'nearest' or 'adaround', got {config.rounding!r}")
     if config.reconstruction and config.rounding != "adaround":
         raise ValueError("reconstruction learns AdaRound rounding: set rounding='adaround'")
-    policy_from_config(config)                             # bit widths
-    if not config.theta.n_grids > 0:
-        raise ValueError(f"theta.n_grids must be positive, got {config.theta.n_grids}")
-    if not 0 < config.theta.alpha:
-        raise ValueError(f"theta.alpha (BOP budget fraction) must be positive, got {config.theta.alpha}")
+    return QuantPolicy(w_bits=config.w_bits, a_bits=config.a_bits, weights=config.quantize_weights,
+                       acts=config.quantize_acts, attn=config.quantize_attn, shift_and_sum=config.shift_and_sum,
+                       phase="hard" if config.rounding == "adaround" and config.reconstruction else "nearest",
+                       fp_modules=tuple(config.fp_modules), rules=config_rules(config))
+
+
+def from_config(config, var_cfg) -> tuple:
+    """(policy, settings) of a PTQ config, every field checked against the model before any work."""
+    policy = policy_from_config(config)
+    settings = PTQSettings.from_config(config)
     if config.samples.num < 0:
         raise ValueError(f"samples.num (comparison grid size, 0 = none) must be >= 0, got {config.samples.num}")
-    if config.calib.num_samples <= 0 or config.calib.batch_size <= 0:
-        raise ValueError("calib.num_samples and calib.batch_size must be positive")
-    if not 1 <= config.theta.num_samples <= config.calib.num_samples:
-        raise ValueError("theta.num_samples must be in [1, calib.num_samples]")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    sampling.validate(calib_settings(config, var_cfg), var_cfg, np.zeros(1, np.int32))
+    if config.quantize:
+        validate(policy, settings, var_cfg)
+    return policy, settings
 
 
-def calib_settings(config, var_cfg) -> sampling.SamplingConfig:
-    return sampling.SamplingConfig(config.calib.cfg, min(config.calib.top_k, var_cfg.vocab_size), config.calib.top_p)
+def validate(policy: QuantPolicy, settings: PTQSettings, var_cfg) -> None:
+    """Every check against the model that can fail, before any work (rules, groups, sampling settings)."""
+    policy.check(var_cfg)                                  # every rule matches a module; groups divide
+    sampling.validate(calib_settings(settings, var_cfg), var_cfg, np.zeros(1, np.int32))
+
+
+def validate_config(config, var_cfg) -> None:
+    from_config(config, var_cfg)
+
+
+def precision_scope(settings: PTQSettings, dtype):
+    """Float32 programs at HIGHEST matmul precision (JAX's default float32 matmul is TF32 on GPUs and bf16 on
+    TPUs); 16-bit programs are left as they are."""
+    if jnp.dtype(dtype) == jnp.float32 and settings.matmul_precision == "highest":
+        return jax.default_matmul_precision("highest")
+    return contextlib.nullcontext()
+
+
+def calib_settings(settings, var_cfg) -> sampling.SamplingConfig:
+    """The calibration sampler's settings (of PTQSettings, or a config's calib fields)."""
+    c = settings.calib
+    return sampling.SamplingConfig(c.cfg, min(c.top_k, var_cfg.vocab_size), c.top_p)
 
 
 class Workdir:
@@ -112,102 +143,166 @@ def _timed(report: dict, stage: str, log: Callable):
 
 def run_ptq(ck: ModelCheckpoint, config, workdir: str, log: Callable = print,
             reconstruct: Optional[Callable] = None) -> PTQResult:
-    """The whole pipeline on a loaded FP model. `reconstruct(ck, policy, quant, calib, config, workdir, log)`
-    returns the quant tree with learned α (the BRECQ/AdaRound stage); None skips reconstruction."""
+    """The pipeline of a PTQ config (configs/ptq.py) on a loaded FP model; see `ptq`."""
+    policy, settings = from_config(config, ck.var_cfg)
+    report_config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return ptq(ck, policy, settings, workdir, log, reconstruct, report_config=report_config)
+
+
+def ptq(ck: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings, workdir: str, log: Callable = print,
+        reconstruct: Optional[Callable] = None, report_config: Optional[dict] = None) -> PTQResult:
+    """The whole pipeline on a loaded FP model. `reconstruct(ck, policy, quant, calib, settings, workdir, log)`
+    returns the quant tree with learned α (the BRECQ/AdaRound stage, `recon_stage.reconstruct`); needed when
+    `settings.reconstruction` is on."""
     var_cfg = ck.var_cfg
-    validate_config(config, var_cfg)
+    validate(policy, settings, var_cfg)
+    if settings.reconstruction and reconstruct is None:
+        raise ValueError("settings.reconstruction is on but no reconstruction stage was given")
     wd = Workdir(workdir)
-    policy = policy_from_config(config)
-    search_policy = dataclasses.replace(policy, rounding="nearest")     # before reconstruction: round to nearest
-    dtype = DTYPES[config.dtype]
-    settings = calib_settings(config, var_cfg)
-    report = {"stages": {}, "config": config.to_dict() if hasattr(config, "to_dict") else dict(config)}
+    search_policy = dataclasses.replace(policy, phase="nearest")     # before reconstruction: round to nearest
+    dtype = DTYPES[settings.dtype]
+    sampling_settings = calib_settings(settings, var_cfg)
+    cs = settings.calib
+    report = {"stages": {}, "config": report_config or {**settings.to_dict(), **policy.to_dict()}}
 
     # 1. calibration set (FP samples with their masked probabilities)
     with _timed(report, "calibration", log):
-        labels = calibration.calibration_labels(config.calib.num_samples, var_cfg.num_classes, config.calib.seed)
+        labels = calibration.calibration_labels(cs.num_samples, var_cfg.num_classes, cs.seed)
         if wd.done("calibration"):
             arrays = wd.load_arrays("calibration")
             calib = calibration.CalibrationSet(arrays["labels"], [jnp.asarray(arrays[f"tokens_{s}"])
                                                                   for s in range(var_cfg.num_scales)], None)
         else:
-            calib = calibration.generate_calibration(ck.vae_cfg, var_cfg, ck.params, labels, config.calib.seed,
-                                                     settings, config.calib.batch_size, dtype,
-                                                     keep_probs=config.resampling)
-    # 2. weight quantizers (min-max)
+            with precision_scope(settings, dtype):
+                calib = calibration.generate_calibration(ck.vae_cfg, var_cfg, ck.params, labels, cs.seed,
+                                                         sampling_settings, cs.batch_size, dtype,
+                                                         keep_probs=settings.resampling)
+    # 2. weight quantizers (each site's grid at its rule), calibrated activation-quantizer state
     with _timed(report, "init", log):
         quant = state.init_quant_state(ck.params["var"], policy)
+        if _stateful_acts(policy, var_cfg):
+            with precision_scope(settings, jnp.float32):
+                quant = capture.observe_activations(ck.vae_cfg, var_cfg, ck.params, quant, policy, calib.labels,
+                                                    calib.tokens, batch_size=cs.batch_size)
     # 3. θ before reconstruction
-    theta_keys = calibration.per_image_keys(config.calib.seed + 1, np.arange(config.theta.num_samples))
-    theta_labels = calib.labels[:config.theta.num_samples]
+    theta_keys = calibration.per_image_keys(cs.seed + 1, np.arange(settings.theta.num_samples))
+    theta_labels = calib.labels[:settings.theta.num_samples]
 
     def theta_stage(stage: str, stage_policy, quant, key: str):
-        with _timed(report, stage, log):
-            theta, note, extra = _search_theta(ck, stage_policy, quant, theta_labels, theta_keys, settings, config,
-                                               dtype)
+        with _timed(report, stage, log), precision_scope(settings, dtype):
+            theta, note, extra = _search_theta(ck, stage_policy, quant, theta_labels, theta_keys, sampling_settings,
+                                               settings, dtype)
             report[key], report["sas_extra_bops"] = theta, extra
             if note:
                 report["theta_note"] = note
             log(f"  θ = {theta:.6g} {note}")
         return state.set_theta(quant, theta)
 
-    if policy.shift_and_sum:
+    sas = bool(theta_lib.shift_and_sum_blocks(var_cfg, policy))
+    if sas:
         quant = theta_stage("theta", search_policy, quant, "theta_before_reconstruction")
     # 4. resampling
-    if config.resampling and not wd.done("calibration"):
+    if settings.resampling and not wd.done("calibration"):
         with _timed(report, "resampling", log):
             before = resampling.frequency_mismatch_per_scale(calib.tokens, calib.probs)
-            key = jax.random.PRNGKey(config.calib.seed + 10_000)
+            key = jax.random.PRNGKey(cs.seed + 10_000)
             calib.tokens = [jnp.asarray(t) for t in resampling.resample_scales(key, calib.tokens, calib.probs)]
             after = resampling.frequency_mismatch_per_scale(calib.tokens, calib.probs)
             report["frequency_mismatch"] = {"before": [float(x) for x in before], "after": [float(x) for x in after]}
     if not wd.done("calibration"):
         wd.save_arrays("calibration", labels=calib.labels, **{f"tokens_{s}": t for s, t in enumerate(calib.tokens)})
-        wd.finish("calibration", resampled=bool(config.resampling),
+        wd.finish("calibration", resampled=bool(settings.resampling),
                   frequency_mismatch=report.get("frequency_mismatch"))
     else:
         report["frequency_mismatch"] = wd.records["calibration"].get("frequency_mismatch")
     calib.probs = None                                        # free the [N, L, V] probabilities
     # 5. reconstruction
-    if config.reconstruction:
-        if reconstruct is None:
-            raise ValueError("config.reconstruction is on but no reconstruction stage was given")
-        with _timed(report, "reconstruction", log):
-            quant, recon_report = reconstruct(ck, policy, quant, calib, config, os.path.join(workdir, "recon"), log)
+    if settings.reconstruction:
+        with _timed(report, "reconstruction", log), precision_scope(settings, jnp.float32):
+            quant, recon_report = reconstruct(ck, policy, quant, calib, settings, os.path.join(workdir, "recon"), log)
             report["reconstruction"] = recon_report
         # 6. θ again, with the learned rounding
-        if policy.shift_and_sum:
+        if sas:
             quant = theta_stage("theta_after", policy, quant, "theta")
-    if policy.shift_and_sum:
+    if sas:
         report.setdefault("theta", report.get("theta_before_reconstruction"))
     report["bops"] = bops_report(var_cfg, policy, report.get("sas_extra_bops", 0.0))
+    report["sites"] = site_table(var_cfg, policy)
+    report["rules"] = [r.to_dict() for r in policy.table]
     return PTQResult(policy, ck.params["var"], quant, report, calib)
 
 
-def _search_theta(ck, policy, quant, labels, keys, settings, config, dtype):
-    means, counts = theta_lib.attention_statistics(ck.vae_cfg, ck.var_cfg, ck.params, quant, policy, labels, keys,
-                                                   settings, dtype)
-    theta, note = theta_lib.search(ck.var_cfg, means, counts, policy.w_bits, policy.a_bits, config.theta.alpha,
-                                   config.theta.n_grids)
-    extra = bops.sas_extra_bops(means, counts, theta, policy.a_bits, ck.var_cfg.head_dim)
+def quantize(model: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings = PTQSettings(),
+             workdir: Optional[str] = None, log: Callable = print) -> PTQResult:
+    """Post-training quantization of a loaded FP model under a rule table: the whole pipeline (reconstruction when
+    `settings.reconstruction`). With `workdir` every finished stage is kept there and a new call resumes; without,
+    a temporary directory is used. The result's policy has phase 'hard' where reconstruction ran."""
+    from varq_jax.quant.recon_stage import reconstruct
+    if model.policy is not None:
+        raise ValueError("the model is already quantized; quantize starts from a full-precision one")
+    if settings.reconstruction:
+        policy = dataclasses.replace(policy, phase="hard")
+    if workdir is not None:
+        return ptq(model, policy, settings, workdir, log, reconstruct)
+    with tempfile.TemporaryDirectory() as tmp:
+        return ptq(model, policy, settings, tmp, log, reconstruct)
+
+
+def _stateful_acts(policy: QuantPolicy, var_cfg) -> bool:
+    for s in rules.model_sites(var_cfg):
+        if s.kind == rules.LINEAR:
+            r = policy.rule_for(s.path)
+            if r.acts and registry.act_quantizer(r.act_spec(s.name, s.in_features)[0]).stateful:
+                return True
+    return False
+
+
+def _search_theta(ck, policy, quant, labels, keys, sampling_settings, settings: PTQSettings, dtype):
+    means, counts, bits = theta_lib.attention_statistics(ck.vae_cfg, ck.var_cfg, ck.params, quant, policy, labels,
+                                                         keys, sampling_settings, dtype)
+    theta, note = theta_lib.search(ck.var_cfg, means, counts, bits, policy, settings.theta.alpha,
+                                   settings.theta.n_grids)
+    extra = bops.sas_extra_bops(means, counts, theta, bits, ck.var_cfg.head_dim)
     return theta, note, float(extra)
 
 
-def bops_report(var_cfg, policy: QuantPolicy, sas_extra: float = 0.0) -> dict:
-    """BOPs per image: FP32/FP16 references, the quantized model, and the shift-and-sum extra at θ."""
-    macs = bops.total_bops(var_cfg, 8, 8) / 64
-    quantized = float(bops.total_bops(var_cfg, policy.w_bits, policy.a_bits))
-    return {"fp32": macs * 32 * 32, "fp16": macs * 16 * 16, "quantized": quantized,
-            "shift_and_sum_extra": sas_extra, "quantized_with_sas": quantized + sas_extra}
+def bops_report(var_cfg, policy: Optional[QuantPolicy], sas_extra: float = 0.0) -> dict:
+    """BOPs per image: FP32/FP16 references, the quantized model (per-site rules), the shift-and-sum extra at θ."""
+    macs = bops.total_macs(var_cfg)
+    out = {"fp32": float(macs * 32 * 32), "fp16": float(macs * 16 * 16)}
+    if policy is not None:
+        quantized = float(bops.total_bops(var_cfg, policy))
+        out.update(quantized=quantized, shift_and_sum_extra=sas_extra, quantized_with_sas=quantized + sas_extra)
+    return out
+
+
+def site_table(var_cfg, policy: QuantPolicy) -> list:
+    """One row per site: the rules that set it, its bits, granularity, quantizers and BOPs per image."""
+    charged = {s.path: s for s in bops.site_bops(var_cfg, policy)}
+    rows = []
+    for s in rules.model_sites(var_cfg):
+        r = policy.rule_for(s.path)
+        row = {"site": s.path, "kind": s.kind, "rules": rules.matched_patterns(r), "bops": charged[s.path].bops}
+        if s.kind == rules.LINEAR:
+            group = r.weight_group(s.in_features)
+            act, a_group = r.act_spec(s.name, s.in_features)
+            row.update(weights=f"W{r.w_bits} " + (f"group-{group}" if group else "per-channel") +
+                       f" {r.weight_quantizer} {r.rounding}" if r.weights else "FP",
+                       acts=f"A{r.a_bits} {act}" + (f"-{a_group}" if a_group else "") if r.acts else "FP")
+        else:
+            row.update(weights="", acts=(f"A{r.a_bits} " + ("shift-and-sum" if r.shift_and_sum else "plain"))
+                       if r.attn else "FP")
+        rows.append(row)
+    return rows
 
 
 # --- report pieces -----------------------------------------------------------------------------------------------
 def weight_errors(var_params, quant, policy: QuantPolicy) -> dict:
-    """Relative L2 error ‖ŵ − w‖ / ‖w‖ of every Linear weight (with the policy's final rounding)."""
+    """Relative L2 error ‖ŵ − w‖ / ‖w‖ of every weight-quantized Linear (with the policy's final rounding)."""
     w_hat = state.materialize_weights(var_params, quant, policy)
     flat, flat_hat = traverse_util.flatten_dict(var_params), traverse_util.flatten_dict(w_hat)
     return {"/".join(p[:-1]): float(jnp.linalg.norm(flat_hat[p] - flat[p]) / jnp.linalg.norm(flat[p]))
-            for p in flat if p[-1] == "kernel" and np.ndim(flat[p]) == 2}
+            for p in flat if p[-1] == "kernel" and np.ndim(flat[p]) == 2 and policy.rule_for("/".join(p[:-1])).weights}
 
 
 def activation_errors(ck: ModelCheckpoint, policy: QuantPolicy, quant, calib, num: int = 8) -> dict:

@@ -1,20 +1,12 @@
-"""The reconstruction stage of the PTQ pipeline: config → `reconstruct_model`, records → report rows."""
+"""The reconstruction stage of the PTQ pipeline: settings → `reconstruct_model`, records → report rows."""
 import jax
 
-from varq_jax.quant.reconstruction import ReconConfig, reconstruct_model
+from varq_jax.quant.reconstruction import reconstruct_model
 
 
-def recon_config(config) -> ReconConfig:
-    r = config.recon
-    if r.inputs not in ("fp", "quant"):
-        raise ValueError(f"recon.inputs must be 'fp' or 'quant', got {r.inputs!r}")
-    return ReconConfig(iters=r.iters, batch_size=r.batch_size, lr=r.lr, weight=r.weight, p=r.p,
-                       b_range=(r.b_start, r.b_end), warmup=r.warmup, quantized_inputs=r.inputs == "quant")
-
-
-def reconstruct(ck, policy, quant, calib, config, workdir, log):
+def reconstruct(ck, policy, quant, calib, settings, workdir, log):
     """BRECQ/AdaRound over every unit in model order; resumable in `workdir`. Returns (quant with α, report)."""
-    rc = recon_config(config)
+    rc = settings.recon
     modules = {}
 
     def progress(record, _):
@@ -23,11 +15,15 @@ def reconstruct(ck, policy, quant, calib, config, workdir, log):
             f"({row['time_s']:.1f} s: capture {row['capture_s'] or 0:.1f} s, α loop {row['optimize_s'] or 0:.1f} s)")
 
     result = reconstruct_model(ck.vae_cfg, ck.var_cfg, ck.params, quant, calib.labels, calib.tokens, policy, rc,
-                               key=jax.random.PRNGKey(config.calib.seed + 20_000), workdir=workdir,
-                               callback=progress)
+                               key=recon_key(settings), workdir=workdir, callback=progress)
     for r in result.records:                     # units finished by an earlier (interrupted) run
         modules.setdefault(r["module"], _row(r))
     return result.quant, {"modules": modules, "config": rc.to_dict()}
+
+
+def recon_key(settings):
+    """The reconstruction's PRNG key: derived from the calibration seed, as every seed of a run."""
+    return jax.random.PRNGKey(settings.calib.seed + 20_000)
 
 
 def _row(record: dict) -> dict:

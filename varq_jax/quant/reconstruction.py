@@ -13,7 +13,8 @@ The official `block_reconstruction` / `layer_reconstruction`, as one compiled `l
   * each iteration draws `batch_size` rows with replacement from the captured rows (the official
     `torch.randint(0, rows, (batch_size,))`, where a sample's label and null rows are separate rows), or
     `batch_size` samples with both CFG rows (`batch_unit="samples"`).
-After the loop the unit is used with hard rounding, 1[α ≥ 0] (policy rounding "hard").
+After the loop the unit is used with hard rounding, 1[α ≥ 0] (policy phase "hard"). Which Linears learn their
+rounding, at which bits and granularity, is the rule of each site's full path (`QuantPolicy.rule_for`).
 """
 import dataclasses
 import functools
@@ -222,11 +223,10 @@ def module_error(var_cfg: VARConfig, target: ReconTarget, module_params: dict, m
     if rounding not in ("nearest", "soft", "hard"):
         raise ValueError(f"rounding must be nearest, soft or hard, got {rounding!r}")
     if policy is not None:
-        if policy.weights:
-            alpha = rounding_alpha(module_params, module_quant,
-                                   trainable_linears(policy, target, module_params), rounding)
-            module_quant = with_alpha(module_quant, alpha)
-        policy = standalone_policy(policy, target, module_params, rounding="soft")
+        alpha = rounding_alpha(module_params, module_quant, trainable_linears(policy, target, module_params),
+                               rounding)
+        module_quant = with_alpha(module_quant, alpha)
+        policy = standalone_policy(policy, target, module_params, phase="soft")
     segs = segments(var_cfg, target)
     x = data.inputs.reshape(-1, *data.inputs.shape[2:])
     y = data.outputs.reshape(-1, *data.outputs.shape[2:])
@@ -248,20 +248,18 @@ def reconstruct_module(var_cfg: VARConfig, target: ReconTarget, module_params: d
     The record holds the loss curve (every `log_every` iterations), the first/last iteration's losses and, with
     `rc.measure_errors`, the unit's error on all calibration rows with nearest and with learned hard rounding.
     """
-    if not policy.weights:
-        raise ValueError("reconstruction learns weight rounding: the policy must quantize weights (weights=True)")
     if data.inputs.shape[0] < 1 or data.inputs.shape[:3] != data.outputs.shape[:3]:
         raise ValueError(f"captured inputs {data.inputs.shape} and outputs {data.outputs.shape} do not match")
     segs = segments(var_cfg, target)
     rel_paths = trainable_linears(policy, target, module_params)
     record = {"module": target.name, "kind": target.spec.kind, "linears": ["/".join(r) for r in rel_paths]}
     if not rel_paths:
-        record["skipped"] = "every Linear of the unit is in policy.fp_modules"
+        record["skipped"] = "no Linear of the unit learns its rounding (rules: weights off or rounding 'nearest')"
         return module_quant, record
     if rc.measure_errors:
         record["error_nearest"] = module_error(var_cfg, target, module_params, module_quant, data, policy,
                                                "nearest", rc)
-    soft = standalone_policy(policy, target, module_params, rounding="soft")
+    soft = standalone_policy(policy, target, module_params, phase="soft")
     alpha0 = init_module_alpha(module_params, module_quant, rel_paths)
     start = time.perf_counter()
     alpha, rec, reg = optimize_alpha(target.spec, var_cfg, soft, rc.optimisation_only(), segs, module_params,
@@ -281,7 +279,7 @@ def reconstruct_module(var_cfg: VARConfig, target: ReconTarget, module_params: d
 # --- the driver over all units ---------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class ReconResult:
-    quant: dict            # the quant tree with learned α for every reconstructed Linear (use rounding="hard")
+    quant: dict            # the quant tree with learned α for every reconstructed Linear (use phase="hard")
     records: list          # one dict per unit, in order (see `reconstruct_module`), plus its wall time
     done: list             # names of the finished units
 
@@ -296,14 +294,22 @@ def _key_data(key) -> np.ndarray:
     return np.asarray(key)
 
 
-def _check_quant(var_params: dict, quant: dict, targets: list):
+def _check_quant(var_params: dict, quant: dict, targets: list, policy: QuantPolicy):
     for t in targets:
-        mp, mq = subtree(var_params, t.path), subtree(quant, t.path)
-        for rel in linear_paths(mp):
-            node = subtree(mq, rel)
+        mp, mq = subtree(var_params, t.path), subtree(quant, t.path) if _has(quant, t.path) else {}
+        for rel in trainable_linears(policy, t, mp):
+            node = subtree(mq, rel) if _has(mq, rel) else {}
             if "delta" not in node or "zero_point" not in node:
                 raise ValueError(f"quant state of {'/'.join(t.path + rel)} lacks delta/zero_point: build it with "
                                  f"varq_jax.quant.state.init_quant_state")
+
+
+def _has(tree: dict, path: tuple) -> bool:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
 
 
 def reconstruct_model(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, quant: dict, labels, tokens,
@@ -326,12 +332,13 @@ def reconstruct_model(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, qu
         if unknown:
             raise ValueError(f"unknown reconstruction units {unknown}; valid: {', '.join(names)}")
     selected = [(i, t) for i, t in enumerate(all_targets) if units is None or t.name in units]
-    if not policy.weights:
-        raise ValueError("reconstruction learns weight rounding: the policy must quantize weights (weights=True)")
+    if not any(trainable_linears(policy, t, subtree(params["var"], t.path)) for _, t in selected):
+        raise ValueError("reconstruction learns weight rounding, but no Linear of the selected units has a rule "
+                         "with weights quantized and rounding 'adaround'")
     labels, tokens = check_calibration(var_cfg, labels, tokens)
-    _check_quant(params["var"], quant, [t for _, t in selected])
+    _check_quant(params["var"], quant, [t for _, t in selected], policy)
     key_data = _key_data(key)
-    run_fp = fingerprint(var_cfg=dataclasses.asdict(var_cfg), policy=_policy_dict(policy), rc=rc.to_dict(),
+    run_fp = fingerprint(var_cfg=dataclasses.asdict(var_cfg), policy=policy.to_dict(), rc=rc.to_dict(),
                          units=[t.name for _, t in selected], key=key_data.tolist(), labels=labels, tokens=tokens,
                          initial_quant=quant)
 
@@ -363,10 +370,12 @@ def reconstruct_model(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, qu
                            quant=quant if input_policy is not None else None, store_dtype=jnp.dtype(rc.store_dtype))
         jax.block_until_ready(data)
         capture_s = time.perf_counter() - start
-        mp, mq = subtree(params["var"], target.path), subtree(quant, target.path)
+        mp = subtree(params["var"], target.path)
+        mq = subtree(quant, target.path) if _has(quant, target.path) else {}
         learned, record = reconstruct_module(var_cfg, target, mp, mq, data, policy, rc,
                                              jax.random.fold_in(key, index))
-        quant = replace_subtree(quant, target.path, learned)
+        if "skipped" not in record:
+            quant = replace_subtree(quant, target.path, learned)
         record["seconds"] = time.perf_counter() - start
         record["capture_seconds"] = capture_s
         done, records = done + [target.name], records + [record]
@@ -375,10 +384,3 @@ def reconstruct_model(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, qu
         if callback is not None:
             callback(record, quant)
     return ReconResult(quant, records, done)
-
-
-def _policy_dict(policy: QuantPolicy) -> dict:
-    d = dataclasses.asdict(policy)
-    d["fp_modules"] = list(policy.fp_modules)
-    d["class"] = type(policy).__name__
-    return d

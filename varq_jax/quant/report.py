@@ -10,6 +10,8 @@ def _fmt_bops(x: float) -> str:
 def to_markdown(report: dict) -> str:
     c = report.get("config", {})
     lines = [f"# PTQ report: W{c.get('w_bits')}A{c.get('a_bits')} ({c.get('method')})", ""]
+    if c.get("rules") or c.get("method_rules") or c.get("fp_modules"):
+        lines += ["Mixed precision: per-site rules below; W/A in the title are the defaults.", ""]
     if report.get("model"):
         lines += [f"Model: {report['model']}", ""]
     lines += ["## Stages", "", "| stage | wall time (s) |", "|---|---|"]
@@ -26,6 +28,12 @@ def to_markdown(report: dict) -> str:
                   "|---|---|---|---|---|",
                   f"| {_fmt_bops(b['fp32'])} | {_fmt_bops(b['fp16'])} | {_fmt_bops(b['quantized'])} | "
                   f"{_fmt_bops(b['quantized_with_sas'])} | {b['shift_and_sum_extra'] / b['quantized']:.2%} |"]
+    sites = report.get("sites")
+    if sites:
+        lines += ["", "## Sites and their rules", "", "| site | rules matched | weights | input / operands | BOPs |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['site']} | {', '.join(f'`{p}`' for p in r['rules'])} | {r['weights']} | {r['acts']} | "
+                  f"{_fmt_bops(r['bops'])} |" for r in sites]
     fm = report.get("frequency_mismatch")
     if fm:
         lines += ["", "## Calibration code-frequency mismatch (total variation) per scale", "",

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from varq_jax import checkpoint, default_model, image_io, sampling
-from varq_jax.quant import pipeline, report as report_lib
+from varq_jax.quant import export, pipeline, report as report_lib
 
 
 def comparison_grid(ck, policy, quant, num: int, seed: int, dtype) -> np.ndarray:
@@ -31,6 +31,9 @@ def quantize_command(config, checkpoint_path, workdir: str, log=print) -> dict:
     if checkpoint_path is not None and not os.path.isdir(checkpoint_path):
         raise checkpoint.CheckpointError(f"checkpoint directory {checkpoint_path!r} does not exist")
     ck = default_model.load_model(checkpoint_path)
+    if ck.policy is not None:
+        raise ValueError(f"{checkpoint_path!r} is already a quantized checkpoint (W{ck.policy.w_bits}A"
+                         f"{ck.policy.a_bits}); quantize starts from a full-precision one")
     pipeline.validate_config(config, ck.var_cfg)              # everything checked before any output exists
     log(default_model.describe(ck))
     t0 = time.perf_counter()
@@ -42,11 +45,12 @@ def quantize_command(config, checkpoint_path, workdir: str, log=print) -> dict:
         result = pipeline.run_ptq(ck, config, os.path.join(workdir, "state"), log, reconstruct=reconstruct)
         policy, quant, report = result.policy, result.quant, result.report
         report["weight_errors"] = pipeline.weight_errors(ck.params["var"], quant, policy)
-        report["activation_errors"] = pipeline.activation_errors(ck, policy, quant, result.calib)
+        with pipeline.precision_scope(pipeline.PTQSettings.from_config(config), jnp.float32):
+            report["activation_errors"] = pipeline.activation_errors(ck, policy, quant, result.calib)
     else:
         policy, quant = None, None
         report = {"stages": {}, "config": config.to_dict()}
-        report["bops"] = {"fp32": pipeline.bops_report(ck.var_cfg, pipeline.policy_from_config(config))["fp32"]}
+        report["bops"] = {"fp32": pipeline.bops_report(ck.var_cfg, None)["fp32"]}
     report["model"] = default_model.describe(ck)
     report["random_weights"] = bool(ck.meta.get("random_weights", False))
     os.makedirs(workdir, exist_ok=True)
@@ -58,8 +62,8 @@ def quantize_command(config, checkpoint_path, workdir: str, log=print) -> dict:
     if config.quantize:
         meta = {"provenance": checkpoint.provenance(source="experiments.quantize", base=checkpoint_path or "default"),
                 "quant_config": config.to_dict(), "theta": report.get("theta")}
-        checkpoint.save_quantized(os.path.join(workdir, "model"), ck, ck.params["var"], quant, policy, meta=meta,
-                                  overwrite=True)
+        export.save_quantized(os.path.join(workdir, "model"), ck, ck.params["var"], quant, policy, meta=meta,
+                              overwrite=True)
     report["stages"]["total"] = round(time.perf_counter() - t0, 3)
     report_lib.write(workdir, report)
     log(f"wrote {workdir}/report.md, report.json" + (", samples.png" if config.samples.num > 0 else "")

@@ -1,0 +1,115 @@
+"""Today's presets as rule sets give the same quantized models as the code before the rule table.
+
+`tests/fixtures/preset_digests_*.json` were recorded by `benchmarks/preset_digests/record.py` on the code before the
+rule table (commit c96d680): SHA-256 of every array of each preset × method's quant state on the embedded default
+model at a tiny budget (exact for integer codes, Δ, zero points and θ; α by digest, else within a tolerance of
+its sums) and the per-site settings that code derived. The CI variant (five presets × {baseline, full})
+reconstructs three units; the slow test runs all 25 combinations with every unit.
+"""
+import hashlib
+import json
+import os
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import ptq
+from varq_jax import default_model
+from varq_jax.quant import export, pipeline, recon_stage, rules
+from varq_jax.quant.capture import linear_paths, replace_subtree, subtree
+from varq_jax.quant.reconstruction import ReconConfig, reconstruct_model, rounding_alpha, with_alpha
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+CI_UNITS = ("blocks_0/attn", "blocks_0/ffn", "head")
+
+
+def _config(combo: str, budget: dict):
+    preset, method = combo.split(":")
+    w, a = int(preset[1]), int(preset[3])
+    c = ptq.make(w, a, method)
+    for k, v in budget.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                setattr(getattr(c, k), kk, vv)
+        else:
+            setattr(c, k, v)
+    return c
+
+
+def _ci_reconstruct(ck, policy, quant, calib, settings, workdir, log):
+    """As the recording's CI variant: CI_UNITS only; every other Linear gets the α of round-to-nearest."""
+    rc = ReconConfig(iters=settings.recon.iters, measure_errors=False)
+    r = reconstruct_model(ck.vae_cfg, ck.var_cfg, ck.params, quant, calib.labels, calib.tokens, policy, rc,
+                          key=recon_stage.recon_key(settings), units=CI_UNITS)
+    quant = r.quant
+    for path in linear_paths(ck.params["var"]):
+        node = subtree(quant, path)
+        if "alpha" not in node:
+            alpha = rounding_alpha({"kernel": subtree(ck.params["var"], path)["kernel"]}, node, [()], "nearest")
+            quant = replace_subtree(quant, path, with_alpha(node, alpha))
+    return quant, {}
+
+
+def _sha(a) -> str:
+    a = np.ascontiguousarray(np.asarray(a))
+    return hashlib.sha256(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def _site_settings(policy, var_cfg) -> dict:
+    """The resolved per-site settings in the recording's terms."""
+    out = {}
+    for s in rules.model_sites(var_cfg):
+        r = policy.rule_for(s.path)
+        if s.kind == rules.LINEAR:
+            act, group = r.act_spec(s.name, s.in_features)
+            out[s.path] = {"kind": "linear", "weights": r.weights, "w_bits": r.w_bits,
+                           "w_group": r.weight_group(s.in_features),
+                           "rounding": r.rounding if policy.phase != "nearest" else "nearest",
+                           "acts": r.acts, "a_bits": r.a_bits, "act_quantizer": act, "a_group": group}
+        else:
+            out[s.path] = {"kind": "attention", "attn": r.attn, "a_bits": r.a_bits, "shift_and_sum": r.shift_and_sum}
+    return out
+
+
+def _check(ck, recorded: dict, budget: dict, combo: str, ci: bool):
+    config = _config(combo, budget)
+    recon = (_ci_reconstruct if ci else recon_stage.reconstruct) if config.reconstruction else None
+    with tempfile.TemporaryDirectory() as wd:
+        result = pipeline.run_ptq(ck, config, wd, log=lambda *_: None, reconstruct=recon)
+    want = recorded[combo]
+    assert _site_settings(result.policy, ck.var_cfg) == want["sites"], combo
+    assert result.report.get("theta") == want["theta"], combo
+    _, codes, _ = export.export_codes(ck.params["var"], result.quant, result.policy)
+    got = {"/".join(p): a for p, a in traverse_util.flatten_dict(result.quant).items()}
+    got.update({f"codes:{k}": v for k, v in codes.items()})
+    assert set(got) == set(want["state"]), (combo, sorted(set(got) ^ set(want["state"]))[:5])
+    for key, rec in want["state"].items():
+        a = np.asarray(got[key])
+        assert list(a.shape) == rec["shape"], (combo, key)
+        if key.endswith("/alpha") and _sha(a) != rec["sha256"]:
+            a64 = a.astype(np.float64)
+            assert a64.sum() == pytest.approx(rec["sum"], rel=1e-5, abs=1e-3), (combo, key)
+            assert np.abs(a64).sum() == pytest.approx(rec["abs_sum"], rel=1e-5), (combo, key)
+        elif not key.endswith("/alpha"):
+            assert _sha(a) == rec["sha256"], (combo, key)
+
+
+@pytest.fixture(scope="module")
+def default():
+    return default_model.load_model(None)
+
+
+def test_presets_baseline_and_full_give_todays_models(default):
+    recorded = json.load(open(os.path.join(FIXTURES, "preset_digests_ci.json")))
+    for combo in [k for k in recorded if ":" in k]:
+        _check(default, recorded, recorded["budget"], combo, ci=True)
+
+
+@pytest.mark.slow
+def test_all_25_presets_give_todays_models(default):
+    recorded = json.load(open(os.path.join(FIXTURES, "preset_digests_all.json")))
+    for combo in [k for k in recorded if ":" in k]:
+        _check(default, recorded, recorded["budget"], combo, ci=False)
