@@ -59,6 +59,7 @@ def make(w_bits: int, a_bits: int, method: str = "full") -> ml_collections.Confi
     c.theta = ml_collections.ConfigDict(dict(alpha=0.01, n_grids=10_000, num_samples=1))
     c.recon = ml_collections.ConfigDict(dict(
         iters=5000, batch_size=4, lr=1e-4, weight=1e-5, p=2.0, b_start=20.0, b_end=2.0, warmup=0.0,
-        inputs="fp"))                  # fp | quant: inputs from the FP model or the partly quantized one
+        inputs="fp",                   # fp | quant: inputs from the FP model or the partly quantized one
+        units=()))                     # reconstruct only these units (e.g. ("head",)); () = all, in model order
     c.samples = ml_collections.ConfigDict(dict(num=16, seed=0))   # FP vs quantized comparison grid (0: none)
     return c

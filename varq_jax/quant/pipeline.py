@@ -69,6 +69,10 @@ def validate(policy: QuantPolicy, settings: PTQSettings, var_cfg) -> None:
     """Every check against the model that can fail, before any work (rules, groups, sampling settings)."""
     policy.check(var_cfg)                                  # every rule matches a module; groups divide
     sampling.validate(calib_settings(settings, var_cfg), var_cfg, np.zeros(1, np.int32))
+    names = [t.name for t in capture.recon_targets(var_cfg)]
+    unknown = [u for u in settings.recon.units if u not in names]
+    if unknown:
+        raise ValueError(f"recon.units: unknown reconstruction units {unknown}; valid: {', '.join(names)}")
 
 
 def validate_config(config, var_cfg) -> None:

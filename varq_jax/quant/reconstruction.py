@@ -58,6 +58,7 @@ class ReconConfig:
     store_dtype: str = "float32"       # dtype of the cached inputs/outputs
     eval_rows: int = 64                # rows per compiled chunk when measuring a unit's error on all data
     measure_errors: bool = True        # record the unit's error with nearest and with learned (hard) rounding
+    units: tuple = ()                  # unit names to reconstruct (e.g. ("blocks_0/ffn", "head")); () = all
 
     def __post_init__(self):
         for name in ("iters", "batch_size", "log_every", "capture_batch", "eval_rows"):
@@ -71,6 +72,7 @@ class ReconConfig:
         if len(self.b_range) != 2 or not all(b > 0 for b in self.b_range):
             raise ValueError(f"b_range must be two positive numbers (start, end), got {self.b_range!r}")
         object.__setattr__(self, "b_range", tuple(float(b) for b in self.b_range))   # hashable: a jit static
+        object.__setattr__(self, "units", tuple(self.units))
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         for name in ("dtype", "store_dtype"):
@@ -82,11 +84,12 @@ class ReconConfig:
     def optimisation_only(self) -> "ReconConfig":
         """This config with the fields the compiled loop ignores set to defaults (fewer recompilations)."""
         return dataclasses.replace(self, log_every=1, quantized_inputs=False, capture_batch=1,
-                                   store_dtype="float32", eval_rows=1, measure_errors=False)
+                                   store_dtype="float32", eval_rows=1, measure_errors=False, units=())
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["b_range"] = list(self.b_range)
+        d["units"] = list(self.units)
         return d
 
 
@@ -327,6 +330,8 @@ def reconstruct_model(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, qu
     """
     all_targets = recon_targets(var_cfg)
     names = [t.name for t in all_targets]
+    if units is None and rc.units:
+        units = rc.units
     if units is not None:
         unknown = [u for u in units if u not in names]
         if unknown:

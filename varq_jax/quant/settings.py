@@ -83,7 +83,8 @@ class PTQSettings:
             raise ValueError(f"recon.inputs must be one of {RECON_INPUTS}, got {r.inputs!r}")
         try:
             recon = ReconConfig(iters=r.iters, batch_size=r.batch_size, lr=r.lr, weight=r.weight, p=r.p,
-                                b_range=(r.b_start, r.b_end), warmup=r.warmup, quantized_inputs=r.inputs == "quant")
+                                b_range=(r.b_start, r.b_end), warmup=r.warmup, quantized_inputs=r.inputs == "quant",
+                                units=tuple(r.get("units", ())))
         except ValueError as e:
             raise ValueError(f"recon.{e}") from None
         return cls(calib=CalibSettings(**dict(config.calib)), theta=ThetaSettings(**dict(config.theta)), recon=recon,
