@@ -24,7 +24,7 @@ from varq_jax.eval import evaluate as ev
 from varq_jax.eval import generate as G
 from varq_jax.eval import metrics
 from varq_jax.models import classifier as clf
-from varq_jax.quant import export, state as qstate
+from varq_jax.quant import export as qexport, state as qstate
 from varq_jax.quant.policy import QuantPolicy
 from varq_jax.train import export
 
@@ -242,7 +242,7 @@ def _save_checkpoints(model, tmp_path):
     fp = checkpoint.save(str(tmp_path / "fp"), model.vae_cfg, model.var_cfg, model.params, meta=model.meta)
     policy = QuantPolicy(w_bits=8, a_bits=8)
     quant = qstate.init_quant_state(model.params["var"], policy)
-    w8a8 = export.save_quantized(str(tmp_path / "w8a8"), model, model.params["var"], quant, policy, meta=model.meta)
+    w8a8 = qexport.save_quantized(str(tmp_path / "w8a8"), model, model.params["var"], quant, policy, meta=model.meta)
     return fp, w8a8
 
 

@@ -105,8 +105,10 @@ def test_cli_bad_input_stops_before_writing(tmp_path, args, message):
 @pytest.mark.parametrize("override, checkpoint_path, message", [
     ({"a_bits": 9}, None, "bits must be an int in [2, 8]"),
     ({"w_bits": 1}, None, "bits must be an int in [2, 8]"),
-    ({"theta.n_grids": 0}, None, "theta.n_grids must be positive"),
-    ({"theta.n_grids": -5}, None, "theta.n_grids must be positive"),
+    ({"theta.n_grids": 0}, None, "theta.n_grids must be an int >= 2"),
+    ({"theta.n_grids": -5}, None, "theta.n_grids must be an int >= 2"),
+    ({"fp_modules": ("nosuch",)}, None, "'nosuch' match no module"),
+    ({"recon.iters": 0}, None, "recon.iters must be a positive int"),
     ({}, "/nonexistent/ckpt", "does not exist"),
 ])
 def test_bad_config_stops_before_writing(tmp_path, override, checkpoint_path, message):

@@ -58,7 +58,7 @@ class PTQSettings:
     reconstruction: bool = True
     resampling: bool = True
     dtype: str = "bfloat16"               # compute dtype of the sampling passes (calibration, θ statistics)
-    matmul_precision: str = "highest"     # float32 programs at HIGHEST precision | default (TF32 on GPU, bf16 on TPU)
+    matmul_precision: str = "highest"     # float32 matmuls: highest (true float32) | default (TF32 on GPU, bf16 on TPU)
     method: str = "custom"                # a label for reports
 
     def __post_init__(self):
