@@ -4,7 +4,8 @@
 
 Depth, width, heads, attn_l2_norm, shared_aln and patch_nums are read off the keys (`--patch-nums 1,2,3,...`
 when L is not one of the released presets). Strict: any missing/unexpected key or shape mismatch stops with the
-full list, and nothing is written unless everything converted (the directory appears atomically).
+full list, and nothing is written unless everything converted (the directory appears atomically). Weights holding
+NaN or inf are refused, naming the tensors (`--allow-nonfinite` writes them anyway).
 """
 import argparse
 import os
@@ -23,6 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--patch-nums", default=None, help="comma-separated, e.g. 1,2,3,4,5,6,8,10,13,16")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-nonfinite", action="store_true", help="write weights holding NaN/inf (refused otherwise)")
     args = p.parse_args(argv)
     try:
         if os.path.exists(args.out) and not args.overwrite:
@@ -37,7 +39,8 @@ def main(argv=None) -> int:
             torch_mapping.load_torch_state_dict(args.vae), torch_mapping.load_torch_state_dict(args.var), pns, dtype)
         prov = checkpoint.provenance(source="convert_torch_weights.py", vae_file=os.path.basename(args.vae),
                                      var_file=os.path.basename(args.var))
-        checkpoint.save(args.out, vae_cfg, var_cfg, params, meta={"provenance": prov}, overwrite=args.overwrite)
+        checkpoint.save(args.out, vae_cfg, var_cfg, params, meta={"provenance": prov}, overwrite=args.overwrite,
+                        allow_nonfinite=args.allow_nonfinite)
     except (torch_mapping.ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -274,7 +274,7 @@ def test_cli_single_checkpoint_and_sweep(model, classifier_dir, tmp_path, capsys
               f"--out={tmp_path / 'sweep'}", *CLI_SMALL])
     printed = capsys.readouterr().out
     rows = json.load(open(tmp_path / "sweep" / "sweep.json"))
-    assert [r["quantization"] for r in rows] == [None, {"w_bits": 8, "a_bits": 8, "shift_and_sum": True}]
+    assert [r["quantization"] for r in rows] == [None, {"w_bits": 8, "a_bits": 8, "shift_and_sum": True, "rules": []}]
     assert "fd_classifier_vs_ref_samples" not in rows[0] and "fd_classifier_vs_ref_samples" in rows[1]
     fp_samples, _ = G.load_samples(str(tmp_path / "sweep" / "00_fp" / G.SAMPLES))
     q_samples, _ = G.load_samples(str(tmp_path / "sweep" / "01_w8a8" / G.SAMPLES))

@@ -8,6 +8,7 @@ which omits the coded kernels from 'params' and names itself as the loader in th
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from varq_jax.models.vqvae import VQVAEConfig
 from varq_jax.models.zoo import config_from_dict, config_to_dict
 
 FORMAT = "varq-jax/models"
+_BF16 = np.dtype("bfloat16")
 FORMAT_VERSION = 1
 
 
@@ -79,16 +81,64 @@ def _to_numpy(tree):
     return jax.tree.map(np.asarray, tree)
 
 
+def _flat(tree) -> dict:
+    return traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) and tree else {}
+
+
+def _is_float(a: np.ndarray) -> bool:
+    return np.issubdtype(a.dtype, np.floating) or a.dtype == _BF16
+
+
+def array_checksum(a) -> str:
+    """SHA-256 of an array's values, dtype-canonical: floats as float32 (bf16 → float32 is exact), so the digest
+    is the same whether a leaf is restored in its stored dtype or widened."""
+    a = np.asarray(a)
+    a = np.ascontiguousarray(a.astype(np.float32) if _is_float(a) else a)
+    return hashlib.sha256(str(a.shape).encode() + a.dtype.str.encode() + a.tobytes()).hexdigest()
+
+
+def checksums(items: dict) -> dict:
+    """{'item/path/to/leaf': digest} of every array of every item."""
+    return {f"{name}/{k}": array_checksum(v) for name, tree in items.items() for k, v in _flat(tree).items()}
+
+
+def non_finite(items: dict) -> list:
+    """'item/path' of every floating array holding a NaN or an infinity."""
+    bad = []
+    for name, tree in items.items():
+        for k, v in _flat(tree).items():
+            if v is None:
+                continue
+            a = np.asarray(v)
+            if _is_float(a) and not np.isfinite(a.astype(np.float32)).all():
+                bad.append(f"{name}/{k}")
+    return bad
+
+
+def check_finite(items: dict, what: str) -> None:
+    bad = non_finite(items)
+    if bad:
+        raise CheckpointError(f"{what}: non-finite values (NaN or inf) in {', '.join(bad[:8])}"
+                              + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+                              + " (pass allow_nonfinite=True / --allow-nonfinite to accept them)")
+
+
 def save(path: str, vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, *, meta: Optional[dict] = None,
-         items: Optional[dict] = None, overwrite: bool = False) -> str:
-    """Writes a checkpoint directory atomically; `items` are extra pytrees saved as their own Orbax items."""
+         items: Optional[dict] = None, overwrite: bool = False, allow_nonfinite: bool = False) -> str:
+    """Writes a checkpoint directory atomically; `items` are extra pytrees saved as their own Orbax items. The
+    metadata records a checksum of every array (verified on load); non-finite weights are refused unless
+    `allow_nonfinite`."""
+    params, extra = _to_numpy(params), {k: _to_numpy(v) for k, v in (items or {}).items()}
+    if not allow_nonfinite:
+        check_finite({"params": params, **extra}, f"refusing to write {path!r}")
     metadata = {"format": FORMAT, "version": FORMAT_VERSION, "vae": config_to_dict(vae_cfg),
                 "var": config_to_dict(var_cfg), "dtype": storage_dtype(params),
-                "items": sorted(items or {}), **(meta or {})}
+                "items": sorted(items or {}), **(meta or {}),
+                "checksums": checksums({"params": params, **extra})}
     metadata.setdefault("provenance", provenance())
-    args = {"params": ocp.args.StandardSave(_to_numpy(params)), "metadata": ocp.args.JsonSave(metadata)}
-    for name, tree in (items or {}).items():
-        args[name] = ocp.args.StandardSave(_to_numpy(tree))
+    args = {"params": ocp.args.StandardSave(params), "metadata": ocp.args.JsonSave(metadata)}
+    for name, tree in extra.items():
+        args[name] = ocp.args.StandardSave(tree)
     with atomic_directory(path, overwrite) as tmp:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             ckptr.save(os.path.join(tmp, "ckpt"), ocp.args.Composite(**args))
@@ -120,7 +170,7 @@ def _abstract_like(tree: Any, sharding) -> Any:
     return jax.tree.map(leaf, tree, sharding)
 
 
-def load(path: str, *, sharding=None) -> ModelCheckpoint:
+def load(path: str, *, sharding=None, allow_nonfinite: bool = False) -> ModelCheckpoint:
     """Restores a full-precision checkpoint; `sharding` (one Sharding, or a pytree of them matching params) places
     the parameters straight onto a device mesh. A checkpoint that names another loader in its metadata (a
     quantized one) is refused with that loader's name."""
@@ -129,7 +179,7 @@ def load(path: str, *, sharding=None) -> ModelCheckpoint:
     if loader:
         raise CheckpointError(f"{path!r} is a quantized checkpoint: load it with {loader} "
                               f"(or varq_jax.default_model.load_model)")
-    return restore(path, meta, sharding=sharding)
+    return restore(path, meta, sharding=sharding, allow_nonfinite=allow_nonfinite)
 
 
 def _without(tree: dict, omitted) -> dict:
@@ -140,10 +190,11 @@ def _without(tree: dict, omitted) -> dict:
     return traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in set(omitted)}, sep="/")
 
 
-def restore(path: str, meta: dict, *, omitted=(), sharding=None) -> ModelCheckpoint:
+def restore(path: str, meta: dict, *, omitted=(), sharding=None, allow_nonfinite: bool = False) -> ModelCheckpoint:
     """The arrays of a checkpoint as saved: params (less the `omitted` leaves, 'vae/...'/'var/...' paths, which
-    another item holds) and every extra item. bf16 checkpoints stay bf16 (d30/d36 memory); float32 and mixed ones
-    are restored as float32."""
+    another item holds) and every extra item, each verified against its recorded checksum (checkpoints written
+    before checksums were recorded are read unverified) and refused when non-finite unless `allow_nonfinite`.
+    bf16 checkpoints stay bf16 (d30/d36 memory); float32 and mixed ones are restored as float32."""
     vae_cfg = config_from_dict(VQVAEConfig, meta["vae"])
     var_cfg = config_from_dict(VARConfig, meta["var"])
     dtype = np.dtype("bfloat16") if meta.get("dtype") == "bfloat16" else np.dtype("float32")
@@ -159,4 +210,19 @@ def restore(path: str, meta: dict, *, omitted=(), sharding=None) -> ModelCheckpo
     except Exception as e:   # orbax raises many types for truncated/corrupt files; name the checkpoint
         raise CheckpointError(f"cannot restore checkpoint {path!r}: {type(e).__name__}: {e}") from e
     items = {k: restored[k] for k in meta.get("items", [])}
+    _verify(path, meta, {"params": restored["params"], **items}, allow_nonfinite)
     return ModelCheckpoint(vae_cfg, var_cfg, restored["params"], meta, items)
+
+
+def _verify(path: str, meta: dict, arrays: dict, allow_nonfinite: bool) -> None:
+    """Checksums of every array this process holds whole (a multi-host shard is checked where it is whole)."""
+    local = {name: jax.tree.map(lambda a: a if getattr(a, "is_fully_addressable", True) else None, tree)
+             for name, tree in arrays.items()}
+    recorded = meta.get("checksums")
+    if recorded:
+        for key, a in ((f"{n}/{k}", v) for n, t in local.items() for k, v in _flat(t).items()):
+            if a is not None and key in recorded and array_checksum(a) != recorded[key]:
+                raise CheckpointError(f"checkpoint {path!r} is corrupt: array {key!r} does not match the checksum "
+                                      f"recorded when it was written")
+    if not allow_nonfinite:
+        check_finite(local, f"checkpoint {path!r}")

@@ -212,6 +212,8 @@ class Sampler:
     def __init__(self, vae_cfg: VQVAEConfig, var_cfg: VARConfig, sampling: SamplingConfig = SamplingConfig(),
                  dtype: Any = jnp.bfloat16, policy: Any = None, scan_blocks: bool = True):
         self.vae_cfg, self.var_cfg, self.sampling = vae_cfg, var_cfg, sampling
+        if policy is not None and hasattr(policy, "check"):
+            policy.check(var_cfg)                  # a rule that matches no module is an error, before compiling
         self.vae = VQVAE(vae_cfg, dtype)
         self.var = VAR(var_cfg, dtype, policy.for_inference() if policy is not None else None)
         validate(sampling, var_cfg, np.zeros(1, np.int32))

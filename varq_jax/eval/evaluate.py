@@ -417,8 +417,10 @@ def evaluate_zero_shot(model: ModelCheckpoint, out_dir: str, config: EvalConfig,
 # --- one checkpoint -----------------------------------------------------------------------------------------------
 def _quant_summary(model: ModelCheckpoint) -> Optional[dict]:
     policy = model.policy
-    return None if policy is None else {"w_bits": policy.w_bits, "a_bits": policy.a_bits,
-                                        "shift_and_sum": policy.shift_and_sum}
+    if policy is None:
+        return None
+    return {"w_bits": policy.w_bits, "a_bits": policy.a_bits, "shift_and_sum": policy.shift_and_sum,
+            "rules": [r.to_dict() for r in policy.rules]}       # per-module rules before the shorthands
 
 
 def evaluate(checkpoint: Optional[str], out_dir: str, config: EvalConfig, *, mesh=None,

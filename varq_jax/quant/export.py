@@ -129,7 +129,7 @@ def _legacy_sites(meta: dict, policy: QuantPolicy) -> dict:
             for s in rules.model_sites(var_cfg) if s.kind == rules.LINEAR}
 
 
-def load_quantized(path: str, *, sharding=None) -> ModelCheckpoint:
+def load_quantized(path: str, *, sharding=None, allow_nonfinite: bool = False) -> ModelCheckpoint:
     """A quantized checkpoint with its coded kernels dequantized (ŵ) in `params`, the state in `.quant` and the
     rule table in `.policy` (phase nearest: the codes already hold the learned rounding)."""
     meta = checkpoint.read_metadata(path)
@@ -144,7 +144,7 @@ def load_quantized(path: str, *, sharding=None) -> ModelCheckpoint:
     else:
         sites = _legacy_sites(meta, policy)
         omitted = [f"var/{k}/kernel" for k in sites]
-    ck = checkpoint.restore(path, meta, omitted=omitted)
+    ck = checkpoint.restore(path, meta, omitted=omitted, allow_nonfinite=allow_nonfinite)
     codes = {k.replace(".", "/"): v for k, v in ck.items.pop("codes").items()}
     missing = sorted(set(sites) - set(codes))
     if missing:
