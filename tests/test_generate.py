@@ -200,6 +200,19 @@ def test_corrupt_and_truncated_shards_are_regenerated(model, reference, tmp_path
     np.testing.assert_array_equal(G.load_samples(res.samples_path)[0], reference[1])
 
 
+def test_a_corrupt_samples_npz_is_rebuilt_from_valid_shards(model, reference, tmp_path):
+    out = tmp_path / "npz"
+    shutil.copytree(reference[0], out)
+    raw = bytearray((out / G.SAMPLES).read_bytes())
+    at = raw.find(reference[1][6:8].tobytes())                # inside arr_0's pixels: the header stays readable
+    assert at > 0
+    raw[at + 10] ^= 0xFF
+    (out / G.SAMPLES).write_bytes(bytes(raw))
+    res = _generate(model, out)
+    assert res.generated == 0 and res.reused == N
+    np.testing.assert_array_equal(G.load_samples(res.samples_path)[0], reference[1])
+
+
 def test_uneven_n_and_a_batch_larger_than_n(model, reference, tmp_path):
     res = _generate(model, tmp_path / "few", num_images=3)              # one 16-row batch, 3 real rows
     images, labels = G.load_samples(res.samples_path)
