@@ -33,4 +33,4 @@ def main(argv):
 if __name__ == "__main__":
     cli.configure_xla()
     sys.argv = cli.rewrite_config_argv(sys.argv)
-    app.run(main)
+    cli.run(main)

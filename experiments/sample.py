@@ -30,6 +30,18 @@ flags.DEFINE_string("box", "0.25,0.25,0.75,0.75", "edit box y0,x0,y1,x1 in fract
 flags.DEFINE_integer("class_label", 0, "target class for --task edit")
 flags.DEFINE_bool("scan_blocks", True, "scan the blocks (fast compile) or unroll them (faster sampling on GPU, "
                   "2-3x the compile time)")
+flags.register_validator("num", lambda n: n > 0, message="--num must be a positive number of images")
+
+
+def _box_ok(box: str) -> bool:
+    try:
+        values = [float(v) for v in box.split(",")]
+    except ValueError:
+        return False
+    return len(values) == 4 and all(0 <= v <= 1 for v in values)
+
+
+flags.register_validator("box", _box_ok, message="--box must be four fractions y0,x0,y1,x1 in [0, 1]")
 
 
 def main(argv):
@@ -66,4 +78,4 @@ def main(argv):
 
 if __name__ == "__main__":
     cli.configure_xla()
-    app.run(main)
+    cli.run(main)

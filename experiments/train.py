@@ -37,4 +37,4 @@ def main(argv):
 
 if __name__ == "__main__":
     cli.configure_xla()
-    app.run(main)
+    cli.run(main)

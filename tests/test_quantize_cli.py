@@ -125,3 +125,17 @@ def test_bad_config_stops_before_writing(tmp_path, override, checkpoint_path, me
     with pytest.raises((ValueError, checkpoint.CheckpointError), match=message.replace("[", r"\[").replace("]", r"\]")):
         workflow.quantize_command(config, checkpoint_path, str(wd), log=lambda *a: None)
     assert not wd.exists()
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("quantize", ["--config=w4a6", "stray"], "error: unexpected arguments 'stray'"),
+    ("sample", ["--num=0"], "--num must be a positive number of images"),
+    ("sample", ["--box=0.1,0.2,0.3"], "--box must be four fractions"),
+    ("sample", ["--checkpoint=/nonexistent/ck"], "error: checkpoint directory '/nonexistent/ck' does not exist"),
+])
+def test_cli_user_errors_are_one_line(tmp_path, module, args, message):
+    r = subprocess.run([sys.executable, "-m", f"experiments.{module}", f"--out={tmp_path / 'o'}"
+                        if module == "sample" else f"--workdir={tmp_path / 'o'}", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,7 @@
-"""Shared command-line plumbing: config presets by name, checked overrides, quiet logs."""
+"""Shared command-line plumbing: config presets by name, checked overrides, quiet logs, one-line errors."""
 import importlib.util
 import os
+import sys
 
 import configs as _configs_pkg
 
@@ -92,3 +93,23 @@ def quiet_logs() -> None:
     """Hide absl/orbax INFO chatter in the CLIs (warnings and errors still show)."""
     from absl import logging
     logging.set_verbosity(logging.WARNING)
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def run(main) -> None:
+    """`absl.app.run(main)` with the CLIs' convention: a user error (bad input, a missing or corrupt file) is one
+    line `error: …` on stderr and exit code 2, no traceback; stray positional arguments are refused."""
+    from absl import app
+
+    def wrapped(argv):
+        if len(argv) > 1:
+            print(f"error: unexpected arguments {' '.join(argv[1:])!r} (flags are --name=value)", file=sys.stderr)
+            sys.exit(2)
+        try:
+            return main(argv)
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    app.run(wrapped)
