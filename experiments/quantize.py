@@ -18,6 +18,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "PTQ preset name (w4a6, ...) or config file", lock_config=True)
 flags.DEFINE_string("checkpoint", None, "FP checkpoint directory (default: the embedded default model)")
 flags.DEFINE_string("workdir", None, "output directory (default: runs/<preset>)")
+flags.DEFINE_bool("progress", True, "live progress of calibration and reconstruction (a line rewritten on a "
+                  "terminal, one line every 30 s otherwise)")
 
 
 def main(argv):
@@ -27,7 +29,9 @@ def main(argv):
         raise app.UsageError(f"--config is required; presets: {', '.join(cli.presets())}")
     preset = os.path.basename(FLAGS["config"].config_filename.split(":")[0])[:-len(".py")]
     run_name = preset + (f"_{FLAGS.config.method}" if FLAGS.config.quantize else "")
-    workflow.quantize_command(FLAGS.config, FLAGS.checkpoint, FLAGS.workdir or os.path.join("runs", run_name))
+    from varq_jax.progress import Progress
+    workflow.quantize_command(FLAGS.config, FLAGS.checkpoint, FLAGS.workdir or os.path.join("runs", run_name),
+                              progress=Progress() if FLAGS.progress else None)
 
 
 if __name__ == "__main__":

@@ -355,3 +355,41 @@ def test_fp_input_reconstruction_captures_the_model_only_for_non_block_units(par
                                 rec.ReconConfig(iters=2, measure_errors=False), key=jax.random.PRNGKey(0),
                                 units=["blocks_0/attn", "blocks_1/ada_lin", "blocks_1/ffn", "head"])
     assert out.done == ["blocks_0/attn", "blocks_1/ada_lin", "blocks_1/ffn", "head"] and whole_model == ["head"]
+
+
+def test_chunked_loop_reports_per_chunk_and_learns_the_same(params, calib, quant):
+    """The α loop in chunks (progress between compiled scans) runs the same iterations as one scan."""
+    labels, tokens = calib
+    target = cap.target_by_name(VAR_CFG, "blocks_0/ffn")
+    data = cap.capture(VAE_CFG, VAR_CFG, params, labels, tokens, target)
+    mp, mq = params["var"]["blocks_0"]["ffn"], quant["blocks_0"]["ffn"]
+    reports = []
+    rc = rec.ReconConfig(iters=6, chunk_iters=2, measure_errors=False)
+    chunked, r1 = rec.reconstruct_module(VAR_CFG, target, mp, mq, data, POLICY, rc, jax.random.PRNGKey(4),
+                                         lambda done, total, loss: reports.append((done, total, loss)))
+    assert [(d, t) for d, t, _ in reports] == [(2, 6), (4, 6), (6, 6)]
+    assert reports[-1][2] == pytest.approx(r1["rec_loss_last"])
+    whole, r2 = rec.reconstruct_module(VAR_CFG, target, mp, mq, data, POLICY, dataclasses.replace(rc, chunk_iters=0),
+                                       jax.random.PRNGKey(4))
+    for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert r1["rec_loss_curve"] == pytest.approx(r2["rec_loss_curve"], rel=1e-5)
+
+
+def test_progress_lines_live_and_piped():
+    import io
+    from varq_jax.progress import Progress, eta
+    now = [0.0]
+    piped = io.StringIO()
+    p = Progress(piped, interval=30, live=False, clock=lambda: now[0])
+    for t in range(0, 100, 5):                    # an update every 5 s for 100 s
+        now[0] = float(t)
+        p.update(f"step {t}")
+    p.update("done", final=True)
+    assert piped.getvalue().splitlines() == ["step 0", "step 30", "step 60", "step 90", "done"]
+    tty = io.StringIO()
+    q = Progress(tty, live=True)
+    q.update("a long line")
+    q.update("b", final=True)
+    assert tty.getvalue() == "\ra long line" + "\r" + "b".ljust(11) + "\n"
+    assert eta(1, 4, 20.0) == "ETA 1 m 00 s" and eta(3, 4, 6.0) == "ETA 2 s" and eta(4, 4, 1.0) == ""

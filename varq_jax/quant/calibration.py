@@ -48,8 +48,9 @@ def _generate_with_probs(vae, var, settings, params, labels, keys):
 
 def generate_calibration(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, labels: np.ndarray, seed: int,
                          settings: sampling.SamplingConfig, batch_size: int = 32, dtype=jnp.float32,
-                         keep_probs: bool = True) -> CalibrationSet:
-    """Samples the FP model once per label, keeping the tokens and (optionally) the masked probabilities."""
+                         keep_probs: bool = True, progress=None) -> CalibrationSet:
+    """Samples the FP model once per label, keeping the tokens and (optionally) the masked probabilities;
+    `progress(samples done, samples)` after each batch."""
     labels = sampling.validate(settings, var_cfg, labels)
     vae, var = VQVAE(vae_cfg, dtype), VAR(var_cfg, dtype)
     n = len(labels)
@@ -61,5 +62,8 @@ def generate_calibration(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict,
         keep = min(bs, n - start)
         tokens.append([a[:keep] for a in t])
         probs.append([a[:keep] for a in p] if keep_probs else None)
+        if progress is not None:
+            jax.block_until_ready(t)
+            progress(start + keep, n)
     cat = lambda parts: [jnp.concatenate(s, axis=0) for s in zip(*parts)]
     return CalibrationSet(labels, cat(tokens), cat(probs) if keep_probs else None)

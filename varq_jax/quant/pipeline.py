@@ -146,18 +146,19 @@ def _timed(report: dict, stage: str, log: Callable):
 
 
 def run_ptq(ck: ModelCheckpoint, config, workdir: str, log: Callable = print,
-            reconstruct: Optional[Callable] = None) -> PTQResult:
+            reconstruct: Optional[Callable] = None, progress=None) -> PTQResult:
     """The pipeline of a PTQ config (configs/ptq.py) on a loaded FP model; see `ptq`."""
     policy, settings = from_config(config, ck.var_cfg)
     report_config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return ptq(ck, policy, settings, workdir, log, reconstruct, report_config=report_config)
+    return ptq(ck, policy, settings, workdir, log, reconstruct, report_config=report_config, progress=progress)
 
 
 def ptq(ck: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings, workdir: str, log: Callable = print,
-        reconstruct: Optional[Callable] = None, report_config: Optional[dict] = None) -> PTQResult:
+        reconstruct: Optional[Callable] = None, report_config: Optional[dict] = None, progress=None) -> PTQResult:
     """The whole pipeline on a loaded FP model. `reconstruct(ck, policy, quant, calib, settings, workdir, log)`
     returns the quant tree with learned α (the BRECQ/AdaRound stage, `recon_stage.reconstruct`); needed when
-    `settings.reconstruction` is on."""
+    `settings.reconstruction` is on. `progress` (a `varq_jax.progress.Progress`) reports calibration batches and
+    reconstruction chunks as they finish."""
     var_cfg = ck.var_cfg
     validate(policy, settings, var_cfg)
     if settings.reconstruction and reconstruct is None:
@@ -178,9 +179,11 @@ def ptq(ck: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings, workdir
                                                                   for s in range(var_cfg.num_scales)], None)
         else:
             with precision_scope(settings, dtype):
+                report_batch = None if progress is None else (
+                    lambda done, total: progress.update(f"  calibration: {done}/{total} samples", final=done == total))
                 calib = calibration.generate_calibration(ck.vae_cfg, var_cfg, ck.params, labels, cs.seed,
                                                          sampling_settings, cs.batch_size, dtype,
-                                                         keep_probs=settings.resampling)
+                                                         keep_probs=settings.resampling, progress=report_batch)
     # 2. weight quantizers (each site's grid at its rule), calibrated activation-quantizer state
     with _timed(report, "init", log):
         quant = state.init_quant_state(ck.params["var"], policy)
@@ -223,7 +226,9 @@ def ptq(ck: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings, workdir
     # 5. reconstruction
     if settings.reconstruction:
         with _timed(report, "reconstruction", log), precision_scope(settings, jnp.float32):
-            quant, recon_report = reconstruct(ck, policy, quant, calib, settings, os.path.join(workdir, "recon"), log)
+            extra = {} if progress is None else {"progress": progress}
+            quant, recon_report = reconstruct(ck, policy, quant, calib, settings, os.path.join(workdir, "recon"), log,
+                                              **extra)
             report["reconstruction"] = recon_report
         # 6. θ again, with the learned rounding
         if sas:

@@ -59,8 +59,11 @@ class ReconConfig:
     eval_rows: int = 64                # rows per compiled chunk when measuring a unit's error on all data
     measure_errors: bool = True        # record the unit's error with nearest and with learned (hard) rounding
     units: tuple = ()                  # unit names to reconstruct (e.g. ("blocks_0/ffn", "head")); () = all
+    chunk_iters: int = 500             # iterations per compiled scan between progress reports (0: one scan)
 
     def __post_init__(self):
+        if isinstance(self.chunk_iters, bool) or not isinstance(self.chunk_iters, int) or self.chunk_iters < 0:
+            raise ValueError(f"chunk_iters must be an int >= 0, got {self.chunk_iters!r}")
         for name in ("iters", "batch_size", "log_every", "capture_batch", "eval_rows"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -84,7 +87,8 @@ class ReconConfig:
     def optimisation_only(self) -> "ReconConfig":
         """This config with the fields the compiled loop ignores set to defaults (fewer recompilations)."""
         return dataclasses.replace(self, log_every=1, quantized_inputs=False, capture_batch=1,
-                                   store_dtype="float32", eval_rows=1, measure_errors=False, units=())
+                                   store_dtype="float32", eval_rows=1, measure_errors=False, units=(),
+                                   chunk_iters=0)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -155,14 +159,16 @@ def draw_batch(key, inputs: Array, outputs: Array, rc: ReconConfig):
 
 
 # --- the compiled loop -----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("spec", "var_cfg", "policy", "rc", "segs"))
-def optimize_alpha(spec: ModuleSpec, var_cfg: VARConfig, policy: QuantPolicy, rc: ReconConfig, segs: tuple,
-                   module_params: dict, module_quant: dict, alpha0: dict, inputs: Array, outputs: Array, key):
-    """All `rc.iters` AdaRound steps of one unit in one `lax.scan`. `policy` is the unit's standalone policy in soft
-    mode. Returns (α, per-iteration reconstruction loss [iters], per-iteration λ·regulariser [iters])."""
+def _adam(rc: ReconConfig):
+    return optax.adam(optax.cosine_decay_schedule(rc.lr, rc.iters))
+
+
+def _step_fn(spec: ModuleSpec, var_cfg: VARConfig, policy: QuantPolicy, rc: ReconConfig, segs: tuple,
+             module_params: dict, module_quant: dict, inputs: Array, outputs: Array):
+    """One AdaRound iteration as a `lax.scan` body over (t, key): carry (α, Adam state), outputs (rec, reg)."""
     module = spec.build(var_cfg, jnp.dtype(rc.dtype), policy)
     weights = jnp.asarray(token_weights(segs, inputs.shape[2]))
-    opt = optax.adam(optax.cosine_decay_schedule(rc.lr, rc.iters))
+    opt = _adam(rc)
 
     def loss_fn(alpha, x, y, t):
         pred = spec.apply(module, module_params, with_alpha(module_quant, alpha), x)
@@ -179,10 +185,48 @@ def optimize_alpha(spec: ModuleSpec, var_cfg: VARConfig, policy: QuantPolicy, rc
         (_, (rec, reg)), grads = jax.value_and_grad(loss_fn, has_aux=True)(alpha, x, y, t)
         updates, opt_state = opt.update(grads, opt_state, alpha)
         return (optax.apply_updates(alpha, updates), opt_state), (rec, reg)
+    return step
 
+
+@functools.partial(jax.jit, static_argnames=("spec", "var_cfg", "policy", "rc", "segs"))
+def optimize_alpha(spec: ModuleSpec, var_cfg: VARConfig, policy: QuantPolicy, rc: ReconConfig, segs: tuple,
+                   module_params: dict, module_quant: dict, alpha0: dict, inputs: Array, outputs: Array, key):
+    """All `rc.iters` AdaRound steps of one unit in one `lax.scan`. `policy` is the unit's standalone policy in soft
+    mode. Returns (α, per-iteration reconstruction loss [iters], per-iteration λ·regulariser [iters])."""
+    step = _step_fn(spec, var_cfg, policy, rc, segs, module_params, module_quant, inputs, outputs)
     ts = jnp.arange(1, rc.iters + 1)
-    (alpha, _), (rec, reg) = jax.lax.scan(step, (alpha0, opt.init(alpha0)), (ts, jax.random.split(key, rc.iters)))
+    (alpha, _), (rec, reg) = jax.lax.scan(step, (alpha0, _adam(rc).init(alpha0)),
+                                          (ts, jax.random.split(key, rc.iters)))
     return alpha, rec, reg
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "var_cfg", "policy", "rc", "segs"))
+def _optimize_chunk(spec, var_cfg, policy, rc, segs, module_params, module_quant, alpha, opt_state, ts, keys,
+                    inputs, outputs):
+    step = _step_fn(spec, var_cfg, policy, rc, segs, module_params, module_quant, inputs, outputs)
+    (alpha, opt_state), (rec, reg) = jax.lax.scan(step, (alpha, opt_state), (ts, keys))
+    return alpha, opt_state, rec, reg
+
+
+def optimize_alpha_chunked(spec: ModuleSpec, var_cfg: VARConfig, policy: QuantPolicy, rc: ReconConfig, segs: tuple,
+                           module_params: dict, module_quant: dict, alpha0: dict, inputs: Array, outputs: Array, key,
+                           chunk: int, progress: Optional[Callable[[int, float], Any]] = None):
+    """`optimize_alpha` as scans of `chunk` iterations (the same iterations, keys and schedules), with
+    `progress(iterations done, last reconstruction loss)` between chunks: host work between compiled loops, so
+    whole-loop CUDA graphs stay intact."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of iterations, got {chunk}")
+    ts, keys = jnp.arange(1, rc.iters + 1), jax.random.split(key, rc.iters)
+    alpha, opt_state, recs, regs = alpha0, _adam(rc).init(alpha0), [], []
+    for s in range(0, rc.iters, chunk):
+        e = min(s + chunk, rc.iters)
+        alpha, opt_state, rec, reg = _optimize_chunk(spec, var_cfg, policy, rc, segs, module_params, module_quant,
+                                                     alpha, opt_state, ts[s:e], keys[s:e], inputs, outputs)
+        recs.append(rec)
+        regs.append(reg)
+        if progress is not None:
+            progress(e, float(rec[-1]))
+    return alpha, jnp.concatenate(recs), jnp.concatenate(regs)
 
 
 SATURATED = 100.0    # h(±100) is exactly 1 / 0 in float32: soft rounding with such α is hard rounding
@@ -245,11 +289,14 @@ def module_error(var_cfg: VARConfig, target: ReconTarget, module_params: dict, m
 
 
 def reconstruct_module(var_cfg: VARConfig, target: ReconTarget, module_params: dict, module_quant: dict,
-                       data: Captured, policy: QuantPolicy, rc: ReconConfig, key) -> tuple:
+                       data: Captured, policy: QuantPolicy, rc: ReconConfig, key,
+                       progress: Optional[Callable[[int, int, float], Any]] = None) -> tuple:
     """Learns α for the unit's quantized Linears. Returns (module quant tree with α, record dict).
 
     The record holds the loss curve (every `log_every` iterations), the first/last iteration's losses and, with
     `rc.measure_errors`, the unit's error on all calibration rows with nearest and with learned hard rounding.
+    With `rc.chunk_iters` below `rc.iters` the loop runs in chunks and `progress(done, iters, loss)` is called after
+    each (once at the end otherwise).
     """
     if data.inputs.shape[0] < 1 or data.inputs.shape[:3] != data.outputs.shape[:3]:
         raise ValueError(f"captured inputs {data.inputs.shape} and outputs {data.outputs.shape} do not match")
@@ -265,8 +312,15 @@ def reconstruct_module(var_cfg: VARConfig, target: ReconTarget, module_params: d
     soft = standalone_policy(policy, target, module_params, phase="soft")
     alpha0 = init_module_alpha(module_params, module_quant, rel_paths)
     start = time.perf_counter()
-    alpha, rec, reg = optimize_alpha(target.spec, var_cfg, soft, rc.optimisation_only(), segs, module_params,
-                                     module_quant, alpha0, data.inputs, data.outputs, key)
+    args = (target.spec, var_cfg, soft, rc.optimisation_only(), segs, module_params, module_quant, alpha0,
+            data.inputs, data.outputs, key)
+    if rc.chunk_iters and rc.iters > rc.chunk_iters:
+        report = None if progress is None else (lambda done, loss: progress(done, rc.iters, loss))
+        alpha, rec, reg = optimize_alpha_chunked(*args, chunk=rc.chunk_iters, progress=report)
+    else:
+        alpha, rec, reg = optimize_alpha(*args)
+        if progress is not None:
+            progress(rc.iters, rc.iters, float(rec[-1]))
     rec, reg = np.asarray(rec), np.asarray(reg)
     record["optimize_seconds"] = time.perf_counter() - start      # the whole α loop (+ its compile, first of a kind)
     learned = with_alpha(module_quant, alpha)
@@ -318,7 +372,8 @@ def _has(tree: dict, path: tuple) -> bool:
 def reconstruct_model(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, quant: dict, labels, tokens,
                       policy: QuantPolicy, rc: ReconConfig = ReconConfig(), *, key, workdir: Optional[str] = None,
                       units: Optional[Sequence[str]] = None,
-                      callback: Optional[Callable[[dict, dict], Any]] = None) -> ReconResult:
+                      callback: Optional[Callable[[dict, dict], Any]] = None,
+                      progress: Optional[Callable[[str, int, int, float], Any]] = None) -> ReconResult:
     """BRECQ over the model: every unit (`recon_targets` order, or the named `units` in that order) is captured
     from the calibration set (labels [N], tokens per scale [N, pn²]), reconstructed, and its α written into the
     quant tree before the next unit starts.
@@ -326,7 +381,8 @@ def reconstruct_model(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, qu
     `quant` is the initial state (`init_quant_state`, θ set). Unit i draws its batches from fold_in(key, i), so a
     run's result does not depend on where it was interrupted. With `workdir` the state is saved after every unit
     and a new call with the same arguments continues after the last finished unit (a different configuration,
-    calibration set, initial state or key is refused). `callback(record, quant)` runs after each unit is saved.
+    calibration set, initial state or key is refused). `callback(record, quant)` runs after each unit is saved;
+    `progress(unit, iterations done, iterations, loss)` after every chunk of a unit's loop.
     """
     all_targets = recon_targets(var_cfg)
     names = [t.name for t in all_targets]
@@ -377,8 +433,9 @@ def reconstruct_model(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, qu
         capture_s = time.perf_counter() - start
         mp = subtree(params["var"], target.path)
         mq = subtree(quant, target.path) if _has(quant, target.path) else {}
+        unit_progress = None if progress is None else functools.partial(progress, target.name)
         learned, record = reconstruct_module(var_cfg, target, mp, mq, data, policy, rc,
-                                             jax.random.fold_in(key, index))
+                                             jax.random.fold_in(key, index), unit_progress)
         if "skipped" not in record:
             quant = replace_subtree(quant, target.path, learned)
         record["seconds"] = time.perf_counter() - start

@@ -27,7 +27,8 @@ def comparison_grid(ck, policy, quant, num: int, seed: int, dtype) -> np.ndarray
     return image_io.make_grid(image_io.to_uint8(jnp.concatenate(rows)), ncol=num)
 
 
-def quantize_command(config, checkpoint_path, workdir: str, log=print) -> dict:
+def quantize_command(config, checkpoint_path, workdir: str, log=print, progress=None) -> dict:
+    """`progress`: a `varq_jax.progress.Progress` for live calibration and reconstruction progress (None: quiet)."""
     if checkpoint_path is not None and not os.path.isdir(checkpoint_path):
         raise checkpoint.CheckpointError(f"checkpoint directory {checkpoint_path!r} does not exist")
     ck = default_model.load_model(checkpoint_path)
@@ -42,7 +43,8 @@ def quantize_command(config, checkpoint_path, workdir: str, log=print) -> dict:
         reconstruct = None
         if config.reconstruction:
             from varq_jax.quant.recon_stage import reconstruct
-        result = pipeline.run_ptq(ck, config, os.path.join(workdir, "state"), log, reconstruct=reconstruct)
+        result = pipeline.run_ptq(ck, config, os.path.join(workdir, "state"), log, reconstruct=reconstruct,
+                                  progress=progress)
         policy, quant, report = result.policy, result.quant, result.report
         report["weight_errors"] = pipeline.weight_errors(ck.params["var"], quant, policy)
         with pipeline.precision_scope(pipeline.PTQSettings.from_config(config), jnp.float32):
