@@ -23,7 +23,6 @@ from varq_jax.models import classifier as clf
 from varq_jax.models.var import VAR
 from varq_jax.models.vqvae import VQVAE
 from varq_jax.quant import ablation, calibration, diagnostics, pipeline
-from varq_jax.quant import export as qexport
 from varq_jax.quant.policy import QuantPolicy
 from varq_jax.train import export
 from configs import ptq
@@ -140,7 +139,7 @@ def test_merged_parts_give_the_one_invocation_table(ablation_run):
     assert merged["rows"] == result["rows"]
     assert merged["diagnostics"] == result["diagnostics"] and merged["findings"] == result["findings"]
     assert [p["command"] for p in merged["parts"]] == ["part 1", "part 0"]
-    ck = qexport.load_quantized(str(root / "model"))           # the A·V diagnostic recomputed at the merge: same tokens, θ
+    ck = checkpoint.load(str(root / "model"))           # the A·V diagnostic recomputed at the merge: same tokens, θ
     again = ablation.merge(parts, ck=ck, workdir=str(root / "wd"), diag_samples=2, log=lambda s: None)
     assert again["diagnostics"]["av_error"] == result["diagnostics"]["av_error"]
     ablation.write(str(root / "MERGED.md"), merged)
