@@ -55,7 +55,8 @@ def make(w_bits: int, a_bits: int, method: str = "full") -> ml_collections.Confi
     c.matmul_precision = "highest"     # float32 programs at HIGHEST precision (GPU TF32 / TPU bf16 otherwise) | default
 
     c.calib = ml_collections.ConfigDict(dict(
-        num_samples=256, seed=2025, cfg=1.5, top_k=900, top_p=0.96, batch_size=32))
+        num_samples=256, seed=2025, cfg=1.5, top_k=900, top_p=0.96, batch_size=32,
+        dtype="auto"))                 # of the calibration sampler: auto (= dtype) | bfloat16 | float32
     c.theta = ml_collections.ConfigDict(dict(alpha=0.01, n_grids=10_000, num_samples=1))
     c.recon = ml_collections.ConfigDict(dict(
         iters=5000, batch_size=4, lr=1e-4, weight=1e-5, p=2.0, b_start=20.0, b_end=2.0, warmup=0.0,

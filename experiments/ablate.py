@@ -13,7 +13,7 @@ The metrics are the in-project classifier's (class accuracy, Fréchet distances 
 import shlex
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from varq_jax import cli
 
@@ -41,37 +41,31 @@ _OVERRIDES = []
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv
     cli.quiet_logs()
     from varq_jax.eval.evaluate import EvalConfig
-    from varq_jax.quant import ablation
+    from varq_jax.runs import ablation, results_table
     config = EvalConfig(num_images=FLAGS.num_images, seed=FLAGS.seed, cfg=FLAGS.cfg, top_k=FLAGS.top_k,
                         top_p=FLAGS.top_p, dtype=FLAGS.dtype, per_device_batch=FLAGS.per_device_batch,
                         feature_batch=FLAGS.feature_batch, classifier=FLAGS.classifier, num_real=FLAGS.num_real)
     command = "python -m experiments.ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:] + _OVERRIDES)
-    try:
-        if FLAGS.merge:
-            result = _merge(command)
-            print("\n".join(ablation.table(result["rows"])))
-            return
+    if FLAGS.merge:
+        result = _merge(command)
+    else:
         if FLAGS.num_images <= 0:
             raise ValueError(f"--num_images must be positive, got {FLAGS.num_images}")
-        result = ablation.run_ablation(FLAGS.presets, FLAGS.methods, config, FLAGS.workdir, FLAGS.out,
-                                       checkpoint=FLAGS.checkpoint,
-                                       overrides=ablation.parse_override_args(_OVERRIDES),
+        plan = cli.ablation_plan(FLAGS.presets, FLAGS.methods, cli.parse_override_args(_OVERRIDES))
+        result = ablation.run_ablation(plan, config, FLAGS.workdir, FLAGS.out, checkpoint=FLAGS.checkpoint,
                                        diag_samples=FLAGS.diag_samples, command=command)
-    except ValueError as e:                  # bad input, reported before any work
-        sys.exit(f"error: {e}")
-    print("\n".join(ablation.table(result["rows"])))
+    print("\n".join(results_table.table(result["rows"])))
 
 
 def _merge(command: str) -> dict:
     import json
     from varq_jax import default_model
+    from varq_jax.runs import ablation, results_table
     if _OVERRIDES:
         raise ValueError("--config.* overrides apply to runs; a merge takes the parts' settings as they are")
-    from varq_jax.quant import ablation
     parts = []
     for path in FLAGS.merge:
         try:
@@ -84,8 +78,9 @@ def _merge(command: str) -> dict:
     if not FLAGS.out.endswith(".md"):
         raise ValueError(f"out must be a markdown file (.md), got {FLAGS.out!r}")
     ck = default_model.load_model(FLAGS.checkpoint) if FLAGS.diag_samples > 0 else None
-    result = ablation.merge(parts, ck=ck, workdir=FLAGS.workdir, diag_samples=FLAGS.diag_samples, command=command)
-    ablation.write(FLAGS.out, result)
+    result = ablation.merge(parts, ck=ck, workdir=FLAGS.workdir, diag_samples=FLAGS.diag_samples, command=command,
+                            method_order=cli.METHODS, make_plan=cli.ablation_plan)
+    results_table.write(FLAGS.out, result)
     print(f"wrote {FLAGS.out} and {FLAGS.out[:-3]}.json")
     return result
 
@@ -94,4 +89,4 @@ if __name__ == "__main__":
     cli.configure_xla()
     _OVERRIDES[:] = [a for a in sys.argv[1:] if a.startswith("--config.")]
     sys.argv = [a for a in sys.argv if not a.startswith("--config.")]
-    app.run(main)
+    cli.run(main)

@@ -16,6 +16,7 @@ import numpy as np
 from absl import app, flags
 
 from varq_jax import benchmarking, cli, sampling
+from varq_jax.files import atomic_write
 from varq_jax.models import zoo
 from varq_jax.models.build import init_params
 from varq_jax.quant import bops, calibration, state, theta as theta_lib
@@ -54,8 +55,7 @@ def _settings(var_cfg):
 
 def _save(rows):
     if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump({"device": benchmarking.device_name(), "rows": rows}, f, indent=1)
+        atomic_write(FLAGS.out, json.dumps({"device": benchmarking.device_name(), "rows": rows}, indent=1))
 
 
 def _time_sampler(what, sampler, params, quant, batches, repeats, rows):

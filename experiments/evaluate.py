@@ -99,14 +99,15 @@ def main(argv):
 def run():
     from varq_jax import parallel
     from varq_jax.eval import evaluate as ev
+    from varq_jax.eval import sweep as sweep_lib
     if FLAGS.checkpoint and FLAGS.checkpoints:
         raise app.UsageError("give --checkpoint or --checkpoints, not both")
     config = eval_config()
     say = print if parallel.is_main_process() else (lambda *a: None)
     if FLAGS.checkpoints:
         ckpts = [None if c == "default" else c for c in FLAGS.checkpoints]
-        rows = ev.sweep(ckpts, FLAGS.out, config, fid_to_first=FLAGS.fid_to_first, log=say)
-        say(ev.sweep_markdown(rows))
+        rows = sweep_lib.sweep(ckpts, FLAGS.out, config, fid_to_first=FLAGS.fid_to_first, log=say)
+        say(sweep_lib.sweep_markdown(rows))
         say(f"wrote {os.path.join(FLAGS.out, 'sweep.md')} and sweep.json")
         return
     if FLAGS.fid_to_first:

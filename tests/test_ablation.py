@@ -22,7 +22,9 @@ from varq_jax.eval.evaluate import EvalConfig
 from varq_jax.models import classifier as clf
 from varq_jax.models.var import VAR
 from varq_jax.models.vqvae import VQVAE
-from varq_jax.quant import ablation, calibration, diagnostics, pipeline
+from varq_jax import cli
+from varq_jax.quant import calibration, diagnostics, pipeline
+from varq_jax.runs import ablation, results_table
 from varq_jax.quant.policy import QuantPolicy
 from varq_jax.train import export
 from configs import ptq
@@ -49,9 +51,9 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ablation_run(inputs):
     logs = []
-    result = ablation.run_ablation(["w4a6"], ["baseline", "brecq"],
+    result = ablation.run_ablation(cli.ablation_plan(["w4a6"], ["baseline", "brecq"], OVERRIDES),
                                    dataclasses.replace(EVAL, classifier=str(inputs / "clf")), str(inputs / "wd"),
-                                   str(inputs / "RESULTS.md"), checkpoint=str(inputs / "model"), overrides=OVERRIDES,
+                                   str(inputs / "RESULTS.md"), checkpoint=str(inputs / "model"),
                                    diag_samples=2, command="test", log=logs.append)
     return inputs, result, logs
 
@@ -106,16 +108,16 @@ def test_diagnostics_and_findings_in_the_results(ablation_run):
 def test_second_call_skips_finished_runs_and_a_changed_config_is_refused(ablation_run):
     root, result, _ = ablation_run
     logs = []
-    again = ablation.run_ablation(["w4a6"], ["baseline", "brecq"],
+    again = ablation.run_ablation(cli.ablation_plan(["w4a6"], ["baseline", "brecq"], OVERRIDES),
                                   dataclasses.replace(EVAL, classifier=str(root / "clf")), str(root / "wd"),
-                                  str(root / "RESULTS2.md"), checkpoint=str(root / "model"), overrides=OVERRIDES,
+                                  str(root / "RESULTS2.md"), checkpoint=str(root / "model"),
                                   diag_samples=2, command="test", log=logs.append)
     assert again["rows"] == result["rows"]
     assert sum("skipped" in s for s in logs) == 5               # fp eval, 2 × (PTQ, eval)
     with pytest.raises(ValueError, match="another config"):
-        ablation.run_ablation(["w4a6"], ["brecq"], dataclasses.replace(EVAL, classifier=str(root / "clf")),
-                              str(root / "wd"), str(root / "R3.md"), checkpoint=str(root / "model"),
-                              overrides={**OVERRIDES, "recon.iters": "6"}, log=lambda s: None)
+        ablation.run_ablation(cli.ablation_plan(["w4a6"], ["brecq"], {**OVERRIDES, "recon.iters": "6"}),
+                              dataclasses.replace(EVAL, classifier=str(root / "clf")), str(root / "wd"),
+                              str(root / "R3.md"), checkpoint=str(root / "model"), log=lambda s: None)
     assert not (root / "R3.md").exists()
 
 
@@ -135,14 +137,15 @@ def _split(result: dict) -> list:
 def test_merged_parts_give_the_one_invocation_table(ablation_run):
     root, result, _ = ablation_run
     parts = _split(result)
-    merged = ablation.merge(parts, command="merge")
+    merged = ablation.merge(parts, command="merge", method_order=cli.METHODS)
     assert merged["rows"] == result["rows"]
     assert merged["diagnostics"] == result["diagnostics"] and merged["findings"] == result["findings"]
     assert [p["command"] for p in merged["parts"]] == ["part 1", "part 0"]
     ck = checkpoint.load(str(root / "model"))           # the A·V diagnostic recomputed at the merge: same tokens, θ
-    again = ablation.merge(parts, ck=ck, workdir=str(root / "wd"), diag_samples=2, log=lambda s: None)
+    again = ablation.merge(parts, ck=ck, workdir=str(root / "wd"), diag_samples=2, method_order=cli.METHODS,
+                           make_plan=cli.ablation_plan, log=lambda s: None)
     assert again["diagnostics"]["av_error"] == result["diagnostics"]["av_error"]
-    ablation.write(str(root / "MERGED.md"), merged)
+    results_table.write(str(root / "MERGED.md"), merged)
     md = (root / "MERGED.md").read_text()
     assert "Made in 2 parts" in md and "`part 0`" in md and "Merged by `merge`" in md
     assert [line for line in md.splitlines() if line.startswith("| W4A6 |")] == \
@@ -191,8 +194,8 @@ def test_cli_merge_writes_the_table_and_rejects_a_bad_file(ablation_run, tmp_pat
 ])
 def test_bad_names_fail_before_any_work(tmp_path, presets, methods, overrides, message):
     with pytest.raises(ValueError, match=message):
-        ablation.run_ablation(presets, methods, EVAL, str(tmp_path / "wd"), str(tmp_path / "R.md"),
-                              overrides=overrides, log=lambda s: None)
+        ablation.run_ablation(cli.ablation_plan(presets, methods, overrides), EVAL, str(tmp_path / "wd"),
+                              str(tmp_path / "R.md"), log=lambda s: None)
     assert not (tmp_path / "wd").exists() and not (tmp_path / "R.md").exists()
 
 

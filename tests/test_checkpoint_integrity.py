@@ -12,7 +12,7 @@ import convert_torch_weights
 from varq_jax import checkpoint
 from varq_jax.models import zoo
 from varq_jax.models.build import init_params
-from varq_jax.quant import workflow
+from varq_jax.runs import quantize as workflow
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 VAE_CFG, VAR_CFG = zoo.tiny((1, 2, 3), depth=2, width=128, vocab_size=32)

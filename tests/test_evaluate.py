@@ -21,6 +21,8 @@ from test_generate import FAST, random_like, small_model
 from varq_jax import checkpoint, editing, parallel
 from varq_jax.data import shapes
 from varq_jax.eval import evaluate as ev
+from varq_jax.eval import features as feature_nets
+from varq_jax.eval import zero_shot
 from varq_jax.eval import generate as G
 from varq_jax.eval import metrics
 from varq_jax.models import classifier as clf
@@ -43,11 +45,11 @@ def fake_inception(variables, images):
             "logits": 4 * x @ variables["logits"]}
 
 
-def fake_inception_net() -> ev.FeatureNet:
+def fake_inception_net() -> feature_nets.FeatureNet:
     rng = np.random.default_rng(1)
     variables = {k: rng.standard_normal((48, d)).astype(np.float32) for k, d in (("pool", 16), ("spatial", 12),
                                                                                  ("logits", 10))}
-    return ev.FeatureNet("inception", fake_inception, variables, None, "fake-inception")
+    return feature_nets.FeatureNet("inception", fake_inception, variables, None, "fake-inception")
 
 
 def _write_npz(path, images, **extra):
@@ -109,9 +111,9 @@ def test_masked_psnr_and_ssim_match_direct_formulas():
     for i in range(2):
         sel = mask[i] > 0
         mse = np.mean((a[i][sel].astype(float) - b[i][sel]) ** 2)
-        np.testing.assert_allclose(ev.masked_psnr(a, b, mask)[i], 10 * np.log10(255 ** 2 / mse), rtol=1e-12)
+        np.testing.assert_allclose(zero_shot.masked_psnr(a, b, mask)[i], 10 * np.log10(255 ** 2 / mse), rtol=1e-12)
         ref = _reference_ssim_map(a[i], b[i])
-        np.testing.assert_allclose(ev.masked_ssim(a, b, mask)[i], ref[sel].mean(), rtol=1e-4)
+        np.testing.assert_allclose(zero_shot.masked_ssim(a, b, mask)[i], ref[sel].mean(), rtol=1e-4)
 
 
 def test_changes_inside_the_box_do_not_touch_the_kept_region():
@@ -121,12 +123,12 @@ def test_changes_inside_the_box_do_not_touch_the_kept_region():
     b[0, 12:20, 12:20] = 255 - b[0, 12:20, 12:20]
     far = np.ones((1, 32, 32))
     far[0, 12 - 5:20 + 5, 12 - 5:20 + 5] = 0       # kept pixels whose SSIM window misses the box
-    assert ev.masked_psnr(a, b, far)[0] == ev.PSNR_CAP_DB
-    np.testing.assert_allclose(ev.masked_ssim(a, b, far)[0], 1.0, rtol=1e-6)
+    assert zero_shot.masked_psnr(a, b, far)[0] == zero_shot.PSNR_CAP_DB
+    np.testing.assert_allclose(zero_shot.masked_ssim(a, b, far)[0], 1.0, rtol=1e-6)
     inside = 1 - far
-    assert ev.masked_psnr(a, b, inside)[0] < 20 and ev.masked_ssim(a, b, inside)[0] < 0.9
+    assert zero_shot.masked_psnr(a, b, inside)[0] < 20 and zero_shot.masked_ssim(a, b, inside)[0] < 0.9
     with pytest.raises(ValueError, match="do not match"):
-        ev.masked_psnr(a, b, far[:, :16])
+        zero_shot.masked_psnr(a, b, far[:, :16])
 
 
 # --- metrics -------------------------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ def test_metrics_match_direct_computation(model, mesh, classifier_dir, tmp_path)
     spatial_stats = metrics.feature_stats(np.asarray(stats_src["spatial"]))
     ref_path = _write_npz(tmp_path / "ref.npz", ref_images)
     other = _write_npz(tmp_path / "other.npz", _shapes(200, 18), arr_1=np.arange(18) % 10)
-    res = ev.Resources(inception=fake_inception_net(), classifier=ev.load_classifier(classifier_dir),
+    res = ev.Resources(inception=fake_inception_net(), classifier=feature_nets.load_classifier(classifier_dir),
                        ref_batch=metrics.ReferenceBatch(ref_path, 24, (SIZE, SIZE), pool_stats, spatial_stats),
                        ref_samples=metrics.load_reference_batch(other))
     cfg = dataclasses.replace(CONFIG, ref_batch=ref_path, ref_samples=other)
@@ -180,9 +182,9 @@ def test_zero_shot_tasks(model, mesh, classifier_dir, tmp_path):
     inputs = _shapes(300, 5)
     path = _write_npz(tmp_path / "inputs.npz", inputs, labels=np.arange(5) % 10, target_labels=np.full(5, 3))
     cfg = dataclasses.replace(CONFIG, zero_shot=path)
-    res = ev.Resources(classifier=ev.load_classifier(classifier_dir))
+    res = ev.Resources(classifier=feature_nets.load_classifier(classifier_dir))
     out = tmp_path / "zs"
-    results = ev.evaluate_zero_shot(model, str(out), cfg, res, mesh, log=lambda s: None)
+    results = zero_shot.evaluate_zero_shot(model, str(out), cfg, res, mesh, log=lambda s: None)
     assert set(results) == set(editing.TASKS)
     params = export.as_float32(export.load(classifier_dir)[0])
     for task in editing.TASKS:
@@ -315,9 +317,9 @@ def test_cli_on_the_default_model_end_to_end(tmp_path):
 def test_real_inception_features_sharded_equal_unsharded(mesh, tmp_path):
     from varq_jax.eval import convert_inception, inception
     variables = jax.jit(inception.init_variables)(jax.random.PRNGKey(0))
-    net = ev.load_inception(convert_inception.save_variables(variables, str(tmp_path / "inception")))
+    net = feature_nets.load_inception(convert_inception.save_variables(variables, str(tmp_path / "inception")))
     images = _shapes(0, 8)
-    got = ev.extract_features(net, images, mesh, 1)
+    got = feature_nets.extract_features(net, images, mesh, 1)
     want = inception.InceptionV3().apply(variables, jnp.asarray(images))
     for name in ("pool", "spatial", "logits"):
         np.testing.assert_allclose(got[name], np.asarray(getattr(want, name)), rtol=1e-4, atol=1e-5, err_msg=name)

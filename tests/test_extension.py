@@ -8,7 +8,7 @@ import pytest
 from varq_jax import checkpoint, default_model, sampling
 from varq_jax.quant import (CalibSettings, PTQSettings, QuantPolicy, ReconConfig, Rule, ThetaSettings, load_quantized,
                             quantize, quantizers, register_act_quantizer, registry, save_quantized, state)
-from varq_jax.quant.capture import standalone_policy, target_by_name
+from varq_jax.quant.units import standalone_policy, target_by_name
 
 
 def static_minmax(x, bits, group_size, state):

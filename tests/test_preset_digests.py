@@ -9,9 +9,7 @@ reconstructs three units; the slow test runs all 25 combinations with every unit
 import hashlib
 import json
 import os
-import tempfile
 
-import jax
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -19,7 +17,7 @@ from flax import traverse_util
 from configs import ptq
 from varq_jax import default_model
 from varq_jax.quant import export, pipeline, recon_stage, rules
-from varq_jax.quant.capture import linear_paths, replace_subtree, subtree
+from varq_jax.quant.units import linear_paths, replace_subtree, subtree
 from varq_jax.quant.reconstruction import ReconConfig, reconstruct_model, rounding_alpha, with_alpha
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -77,8 +75,7 @@ def _site_settings(policy, var_cfg) -> dict:
 def _check(ck, recorded: dict, budget: dict, combo: str, ci: bool):
     config = _config(combo, budget)
     recon = (_ci_reconstruct if ci else recon_stage.reconstruct) if config.reconstruction else None
-    with tempfile.TemporaryDirectory() as wd:
-        result = pipeline.run_ptq(ck, config, wd, log=lambda *_: None, reconstruct=recon)
+    result = pipeline.ptq(ck, *pipeline.from_config(config, ck.var_cfg), log=lambda *_: None, reconstruct=recon)
     want = recorded[combo]
     assert _site_settings(result.policy, ck.var_cfg) == want["sites"], combo
     assert result.report.get("theta") == want["theta"], combo

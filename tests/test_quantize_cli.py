@@ -67,29 +67,6 @@ def test_w4_codes_are_packed(baseline_run):
     assert size < n * 2 / 3      # below bf16 by well over 3× (≈ 4× plus per-file overhead)
 
 
-def test_full_method_small_budget_and_resume(tmp_path):
-    """The full pipeline (calibration, θ, resampling, reconstruction of every unit, θ again) on the embedded
-    default with a small budget; a second run in the same workdir reuses every finished stage and unit."""
-    import json
-    wd = tmp_path / "w4a6_full"
-    r = _quantize(wd, "--config=w4a6", *SMALL, "--config.recon.iters=4", "--config.samples.num=0")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert not (wd / "samples.png").exists()
-    rep = json.load(open(wd / "report.json"))
-    assert set(rep["stages"]) >= {"calibration", "init", "theta", "resampling", "reconstruction", "theta_after"}
-    units = rep["reconstruction"]["modules"]
-    assert "blocks_0/attn" in units and "blocks_5/ffn" in units and "head" in units and "word_embed" in units
-    assert all(u["loss_start"] is not None and u["loss_end"] is not None for u in units.values())
-    assert 0 < rep["theta"] <= 1 and len(rep["frequency_mismatch"]["after"]) == 7
-    codes_before = export.load_quantized(str(wd / "model")).params["var"]
-    r = _quantize(wd, "--config=w4a6", *SMALL, "--config.recon.iters=4", "--config.samples.num=0")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "[calibration] done" in r.stdout and "blocks_0/attn" not in r.stdout      # nothing reconstructed again
-    again = export.load_quantized(str(wd / "model")).params["var"]
-    for a, b in zip(jax.tree.leaves(codes_before), jax.tree.leaves(again)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 @pytest.mark.parametrize("args, message", [
     (["--config=w3a5"], "unknown config preset 'w3a5'"),
     (["--config=w4a6", "--config.no_such_field=1"], "unknown config field(s) no_such_field"),
@@ -113,7 +90,7 @@ def test_cli_bad_input_stops_before_writing(tmp_path, args, message):
 ])
 def test_bad_config_stops_before_writing(tmp_path, override, checkpoint_path, message):
     from varq_jax import cli
-    from varq_jax.quant import workflow
+    from varq_jax.runs import quantize as workflow
     config = cli.load_config(cli.resolve_config("w4a6"))
     for k, v in override.items():
         sub = config

@@ -14,9 +14,9 @@ from varq_jax.models import zoo
 from varq_jax.models.build import init_params
 from varq_jax.models.var import VAR
 from varq_jax.models.vqvae import VQVAE
-from varq_jax.quant import bops, capture, export, pipeline, quantizers, recon_stage, state
+from varq_jax.quant import bops, export, pipeline, quantizers, recon_stage, state, units
 from varq_jax.quant.policy import QuantPolicy
-from varq_jax.quant.rules import Rule, model_sites, resolve, shorthand_rules
+from varq_jax.quant.rules import Rule, resolve, shorthand_rules
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 VAE_CFG, VAR_CFG = zoo.tiny((1, 2, 3), depth=5, width=128, vocab_size=32)
@@ -91,16 +91,16 @@ def test_units_and_partial_models_keep_rules_and_subclasses(params):
         tag: str = "mine"
 
     pol = Mine(rules=(Rule("blocks_1/ffn/fc2", w_bits=8), Rule.fp("blocks_1/attn/proj")), tag="x")
-    partial = capture.partial_model_policy(pol)
+    partial = units.partial_model_policy(pol)
     assert type(partial) is Mine and partial.tag == "x" and partial.table == pol.table and partial.phase == "hard"
-    ffn = capture.target_by_name(VAR_CFG, "blocks_1/ffn")
-    unit = capture.standalone_policy(pol, ffn, params["var"]["blocks_1"]["ffn"])
+    ffn = units.target_by_name(VAR_CFG, "blocks_1/ffn")
+    unit = units.standalone_policy(pol, ffn, params["var"]["blocks_1"]["ffn"])
     assert (unit.rule_for("fc2").w_bits, unit.rule_for("fc1").w_bits) == (8, 4)
-    other = capture.standalone_policy(pol, capture.target_by_name(VAR_CFG, "blocks_2/ffn"),
+    other = units.standalone_policy(pol, units.target_by_name(VAR_CFG, "blocks_2/ffn"),
                                       params["var"]["blocks_2"]["ffn"])
     assert other.rule_for("fc2").w_bits == 4 and other != unit
-    attn = capture.target_by_name(VAR_CFG, "blocks_1/attn")
-    assert capture.trainable_linears(pol, attn, params["var"]["blocks_1"]["attn"]) == [("mat_qkv",)]
+    attn = units.target_by_name(VAR_CFG, "blocks_1/attn")
+    assert units.trainable_linears(pol, attn, params["var"]["blocks_1"]["attn"]) == [("mat_qkv",)]
 
 
 def test_state_codes_and_weights_follow_each_sites_rule(params):
@@ -167,7 +167,8 @@ def test_litevar_methods(params, method, tmp_path):
     c.calib.num_samples, c.calib.batch_size, c.theta.n_grids, c.dtype = 2, 2, 100, "float32"
     c.recon.iters, c.recon.units, c.samples.num = 2, ("blocks_0/ffn", "blocks_1/ffn"), 0
     ck = checkpoint.ModelCheckpoint(VAE_CFG, VAR_CFG, params, {})
-    result = pipeline.run_ptq(ck, c, str(tmp_path), log=lambda *_: None, reconstruct=recon_stage.reconstruct)
+    result = pipeline.ptq(ck, *pipeline.from_config(c, ck.var_cfg), log=lambda *_: None,
+                          reconstruct=recon_stage.reconstruct)
     fc2 = result.quant["blocks_0"]["ffn"].get("fc2", {})
     if method == "litevar":
         assert not fc2 and "alpha" in result.quant["blocks_0"]["ffn"]["fc1"]
@@ -202,14 +203,14 @@ def test_a_version_1_quantized_checkpoint_still_loads_and_samples_the_same():
 # --- float32 means float32 ----------------------------------------------------------------------------------------------
 def test_float32_programs_are_lowered_at_highest_precision(params):
     settings = pipeline.PTQSettings(dtype="float32")
-    target = capture.target_by_name(VAR_CFG, "blocks_0/ffn")
+    target = units.target_by_name(VAR_CFG, "blocks_0/ffn")
     mp = params["var"]["blocks_0"]["ffn"]
     pol = QuantPolicy(w_bits=4, a_bits=6)
     mq = state.init_quant_state({"ffn": mp}, pol)["ffn"]
     from varq_jax.quant import reconstruction as rec
     rc = rec.ReconConfig(iters=2)
-    alpha = rec.init_module_alpha(mp, mq, capture.trainable_linears(pol, target, mp))
-    soft = capture.standalone_policy(pol, target, mp, phase="soft")
+    alpha = rec.init_module_alpha(mp, mq, units.trainable_linears(pol, target, mp))
+    soft = units.standalone_policy(pol, target, mp, phase="soft")
     x = jnp.ones((2, 2, VAR_CFG.L, VAR_CFG.width))
 
     def lowered():
@@ -243,5 +244,5 @@ def test_the_pipeline_pins_precision_in_its_float32_stages(params, monkeypatch, 
     c = ptq.make(4, 6, "brecq_sas")
     c.calib.num_samples, c.calib.batch_size, c.theta.n_grids, c.dtype, c.samples.num = 2, 2, 100, "float32", 0
     ck = checkpoint.ModelCheckpoint(VAE_CFG, VAR_CFG, params, {})
-    pipeline.run_ptq(ck, c, str(tmp_path), log=lambda *_: None, reconstruct=recon)
+    pipeline.ptq(ck, *pipeline.from_config(c, ck.var_cfg), log=lambda *_: None, reconstruct=recon)
     assert seen == {"calibration": "highest", "theta": "highest", "reconstruction": "highest"}

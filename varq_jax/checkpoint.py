@@ -5,14 +5,9 @@ renamed at the end, so an interrupted or failed save never leaves a half-written
 Extra pytree items can be saved beside 'params' (a quantized model's integer codes and scales: `quant/export.py`,
 which omits the coded kernels from 'params' and names itself as the loader in the metadata).
 """
-import contextlib
 import dataclasses
 import datetime
-import hashlib
-import json
 import os
-import shutil
-import uuid
 from typing import Any, Optional
 
 import jax
@@ -20,13 +15,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from varq_jax.files import atomic_directory
+from varq_jax.fingerprint import is_float, array_digest
 from varq_jax.models.build import abstract_params
 from varq_jax.models.var import VARConfig
 from varq_jax.models.vqvae import VQVAEConfig
 from varq_jax.models.zoo import config_from_dict, config_to_dict
 
 FORMAT = "varq-jax/models"
-_BF16 = np.dtype("bfloat16")
 FORMAT_VERSION = 1
 
 
@@ -52,25 +48,6 @@ def provenance(**extra) -> dict:
             "jax": jax.__version__, **extra}
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str, overwrite: bool = False):
-    """Yields a temporary directory beside `path`; renames it to `path` only if the block succeeds."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"output {path} already exists (refusing to overwrite)")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def storage_dtype(params) -> str:
     """'float32', 'bfloat16', or 'mixed' (e.g. bf16 kernels beside float32 tables)."""
     dtypes = {str(np.asarray(a).dtype) for a in jax.tree.leaves(params)}
@@ -81,25 +58,23 @@ def _to_numpy(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def _flat(tree) -> dict:
-    return traverse_util.flatten_dict(tree, sep="/") if isinstance(tree, dict) and tree else {}
-
-
-def _is_float(a: np.ndarray) -> bool:
-    return np.issubdtype(a.dtype, np.floating) or a.dtype == _BF16
-
-
-def array_checksum(a) -> str:
-    """SHA-256 of an array's values, dtype-canonical: floats as float32 (bf16 → float32 is exact), so the digest
-    is the same whether a leaf is restored in its stored dtype or widened."""
-    a = np.asarray(a)
-    a = np.ascontiguousarray(a.astype(np.float32) if _is_float(a) else a)
-    return hashlib.sha256(str(a.shape).encode() + a.dtype.str.encode() + a.tobytes()).hexdigest()
+def _flat(tree, prefix: str = "") -> dict:
+    """{'a/b/0': leaf} of nested dicts and lists (lists by index, as Orbax stores them)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix[:-1]: tree} if prefix else {}
+    out = {}
+    for k, v in items:
+        out.update(_flat(v, f"{prefix}{k}/"))
+    return out
 
 
 def checksums(items: dict) -> dict:
     """{'item/path/to/leaf': digest} of every array of every item."""
-    return {f"{name}/{k}": array_checksum(v) for name, tree in items.items() for k, v in _flat(tree).items()}
+    return {f"{name}/{k}": array_digest(v) for name, tree in items.items() for k, v in _flat(tree).items()}
 
 
 def non_finite(items: dict) -> list:
@@ -110,7 +85,7 @@ def non_finite(items: dict) -> list:
             if v is None:
                 continue
             a = np.asarray(v)
-            if _is_float(a) and not np.isfinite(a.astype(np.float32)).all():
+            if is_float(a) and not np.isfinite(a.astype(np.float32)).all():
                 bad.append(f"{name}/{k}")
     return bad
 
@@ -146,19 +121,21 @@ def save(path: str, vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, *, m
 
 
 def read_metadata(path: str) -> dict:
-    meta_file = os.path.join(path, "ckpt", "metadata", "metadata")
+    """The JSON 'metadata' item, read through Orbax (no arrays are touched)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path!r} does not exist")
-    if not os.path.isfile(meta_file):
+    ckpt = os.path.join(os.path.abspath(path), "ckpt")
+    if not os.path.isdir(os.path.join(ckpt, "metadata")):
         raise CheckpointError(f"{path!r} is not a varq-jax checkpoint (no ckpt/metadata item); convert released "
                               f"PyTorch weights with convert_torch_weights.py")
     try:
-        with open(meta_file) as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"unreadable metadata in {path!r}: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            meta = ckptr.restore(ckpt, ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+    except Exception as e:   # orbax raises many types for unreadable files; name the checkpoint
+        raise CheckpointError(f"unreadable metadata in {path!r}: {type(e).__name__}: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                              f"expected {FORMAT!r}")
     return meta
 
 
@@ -221,8 +198,38 @@ def _verify(path: str, meta: dict, arrays: dict, allow_nonfinite: bool) -> None:
     recorded = meta.get("checksums")
     if recorded:
         for key, a in ((f"{n}/{k}", v) for n, t in local.items() for k, v in _flat(t).items()):
-            if a is not None and key in recorded and array_checksum(a) != recorded[key]:
+            if a is not None and key in recorded and array_digest(a) != recorded[key]:
                 raise CheckpointError(f"checkpoint {path!r} is corrupt: array {key!r} does not match the checksum "
                                       f"recorded when it was written")
     if not allow_nonfinite:
         check_finite(local, f"checkpoint {path!r}")
+
+
+# --- run state: the same Orbax layout for a PTQ stage or a reconstruction step ----------------------------------
+def write_state(path: str, arrays: dict, meta: dict) -> str:
+    """A directory with an Orbax 'arrays' item (omitted when empty) and a JSON 'meta' item that records every
+    array's checksum, written atomically (replacing an older one)."""
+    arrays = _to_numpy(arrays)
+    meta = {**meta, "checksums": checksums({"arrays": arrays}) if arrays else {}}
+    args = {"meta": ocp.args.JsonSave(meta)}
+    if arrays:
+        args["arrays"] = ocp.args.StandardSave(arrays)
+    with atomic_directory(path, overwrite=True) as tmp:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(os.path.join(tmp, "ckpt"), ocp.args.Composite(**args))
+    return path
+
+
+def read_state(path: str, arrays: bool = True) -> tuple:
+    """(arrays or None, meta) of a `write_state` directory, the arrays verified against their checksums."""
+    ckpt = os.path.join(os.path.abspath(path), "ckpt")
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            meta = ckptr.restore(ckpt, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if not arrays or not meta.get("checksums"):
+                return ({} if arrays else None), meta
+            tree = ckptr.restore(ckpt, ocp.args.Composite(arrays=ocp.args.StandardRestore()))["arrays"]
+    except Exception as e:   # orbax raises many types for unreadable files; name the directory
+        raise CheckpointError(f"cannot read {path!r}: {type(e).__name__}: {e}") from e
+    _verify(path, meta, {"arrays": tree}, allow_nonfinite=True)
+    return tree, meta

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 from PIL import Image
+from varq_jax.files import atomic_write
 
 
 def to_uint8(images) -> np.ndarray:
@@ -25,15 +26,20 @@ def make_grid(images: np.ndarray, ncol: int = 0, pad: int = 2) -> np.ndarray:
 
 def save_png(path: str, image: np.ndarray) -> None:
     """Writes atomically (temp file + rename)."""
-    tmp = f"{path}.partial.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 def save_npz(path: str, **arrays) -> None:
-    tmp = f"{path}.partial.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _rgb8(im: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL opens 16-bit grayscale PNGs as integer modes whose convert('RGB') clips at 255 (near-white):
+    those are scaled from 16 bits first."""
+    if im.mode.startswith("I"):
+        a = np.asarray(im, np.float64)
+        im = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
 
 
 def load_image(path: str, size: int) -> np.ndarray:
@@ -41,7 +47,7 @@ def load_image(path: str, size: int) -> np.ndarray:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such image: {path}")
     try:
-        im = Image.open(path).convert("RGB")
+        im = _rgb8(Image.open(path))
     except OSError as e:
         raise ValueError(f"cannot read {path!r} as an image: {e}") from e
     w, h = im.size

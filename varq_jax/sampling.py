@@ -21,6 +21,7 @@ from varq_jax.models.vqvae import VQVAE, VQVAEConfig
 
 Array = jax.Array
 log = logging.getLogger(__name__)
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}     # compute dtypes of the sampler, by name
 
 
 @dataclasses.dataclass(frozen=True)

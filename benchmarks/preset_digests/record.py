@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -82,7 +81,7 @@ CI_UNITS = ("blocks_0/attn", "blocks_0/ffn", "head")     # the CI variant recons
 def ci_reconstruct(ck, policy, quant, calib, config, workdir, log):
     """The CI variant's reconstruction stage: CI_UNITS, no error measurement, the pipeline's key; every other
     Linear gets the α under which learned rounding is round-to-nearest (so the hard-rounding θ stage runs)."""
-    from varq_jax.quant.capture import linear_paths, replace_subtree, subtree
+    from varq_jax.quant.units import linear_paths, replace_subtree, subtree
     from varq_jax.quant.reconstruction import ReconConfig, reconstruct_model, rounding_alpha, with_alpha
     rc = ReconConfig(iters=config.recon.iters, measure_errors=False)
     r = reconstruct_model(ck.vae_cfg, ck.var_cfg, ck.params, quant, calib.labels, calib.tokens, policy, rc,
@@ -104,9 +103,8 @@ def run_old(preset: str, method: str, ci: bool = False) -> dict:
     ck = default_model.load_model(None)
     config = tiny_config(preset, method)
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory() as wd:
-        result = pipeline.run_ptq(ck, config, wd, log=lambda *_: None,
-                                  reconstruct=(ci_reconstruct if ci else reconstruct) if config.reconstruction else None)
+    result = pipeline.ptq(ck, *pipeline.from_config(config, ck.var_cfg), log=lambda *_: None,
+                          reconstruct=(ci_reconstruct if ci else reconstruct) if config.reconstruction else None)
     _, codes = state.export_quantized(ck.params["var"], result.quant, result.policy)
     return {"state": digest_state(result.quant, codes), "theta": result.report.get("theta"),
             "sites": old_site_settings(result.policy, ck.params["var"], bool(config.reconstruction)),

@@ -11,8 +11,6 @@ sibling directory and renamed into place, so a failed run leaves no output direc
 import argparse
 import os
 import re
-import shutil
-import tempfile
 from typing import Mapping, Optional
 
 import jax
@@ -21,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from varq_jax.eval.inception import InceptionV3, abstract_variables
+from varq_jax.files import atomic_directory
 from varq_jax.torch_mapping import ConversionError
 
 FORMAT = "varq_jax.eval.inception/fid-inception-v3@1"
@@ -118,18 +117,11 @@ def save_variables(variables: Mapping, out_dir: str, metadata: Optional[dict] = 
     if os.path.exists(out_dir):
         raise ValueError(f"output directory {out_dir} already exists; remove it or choose another --out")
     check_variables(variables)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        ckpt = os.path.join(staging, "checkpoint")
+    with atomic_directory(out_dir) as staging:
         meta = {"format": FORMAT, **(metadata or {})}
         host = jax.tree.map(np.asarray, dict(variables))
         ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
-            ckpt, args=ocp.args.Composite(variables=ocp.args.StandardSave(host), metadata=ocp.args.JsonSave(meta)))
-        os.rename(ckpt, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            staging, args=ocp.args.Composite(variables=ocp.args.StandardSave(host), metadata=ocp.args.JsonSave(meta)))
     return out_dir
 
 

@@ -19,21 +19,20 @@ the shard size, so every device — and every host — holds whole shards). A mi
 """
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import time
-import uuid
 import zipfile
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from varq_jax import image_io, parallel, sampling
+from varq_jax import fingerprint, image_io, parallel, sampling
 from varq_jax.checkpoint import ModelCheckpoint
+from varq_jax.files import atomic_write
 
 FORMAT = "varq-jax/samples"
 FORMAT_VERSION = 1
@@ -121,24 +120,7 @@ def shard_path(out_dir: str, shard: int) -> str:
 
 
 def _checksum(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in (images, labels.astype(np.int64), indices.astype(np.int64)):
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-def atomic_write(path: str, write: Callable) -> None:
-    """write(binary file) into a temporary sibling, fsync, then rename onto `path`: readers never see a part."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return fingerprint.tree_digest([images, labels.astype(np.int64), indices.astype(np.int64)])
 
 
 def write_shard(path: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
@@ -206,36 +188,13 @@ def samples_npz_ok(path: str, num_images: int, image_shape) -> bool:
 
 
 # --- the plan --------------------------------------------------------------------------------------------------
-def sha256_arrays(arrays: Sequence[np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def model_fingerprint(model: ModelCheckpoint) -> str:
-    """SHA-256 of both configs, the quantization policy and a strided subsample of every parameter (and quant
-    leaf): cheap even for d36, and different for any two checkpoints in practice."""
-    h = hashlib.sha256()
-    h.update(json.dumps([dataclasses.asdict(model.vae_cfg), dataclasses.asdict(model.var_cfg)], sort_keys=True,
-                        default=str).encode())
-    h.update(repr(model.policy).encode())
-    for tree in (model.params, model.quant):
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            x = np.asarray(leaf).ravel()
-            h.update(f"{jax.tree_util.keystr(path)}{x.dtype}{x.size}".encode())
-            h.update(np.ascontiguousarray(x[::max(1, x.size // 4096)]).tobytes())
-    return h.hexdigest()
-
-
 def make_plan(model: ModelCheckpoint, labels: np.ndarray, seed: int, settings: sampling.SamplingConfig, dtype,
               shard_size: int, conditioning: Optional[Conditioning]) -> dict:
-    cond = None if conditioning is None else sha256_arrays(list(conditioning.gt_tokens) + [conditioning.keep_mask])
-    return {"format": FORMAT, "version": FORMAT_VERSION, "model_fingerprint": model_fingerprint(model),
+    cond = (None if conditioning is None else
+            fingerprint.tree_digest(list(conditioning.gt_tokens) + [conditioning.keep_mask]))
+    return {"format": FORMAT, "version": FORMAT_VERSION, "model_fingerprint": fingerprint.model_digest(model),
             "num_images": int(len(labels)), "image_size": int(model.vae_cfg.image_size),
-            "labels_sha256": sha256_arrays([labels.astype(np.int32)]), "conditioning_sha256": cond,
+            "labels_sha256": fingerprint.array_digest(labels.astype(np.int32)), "conditioning_sha256": cond,
             "seed": int(seed), "sampling": dataclasses.asdict(settings), "dtype": jnp.dtype(dtype).name,
             "shard_size": int(shard_size)}
 

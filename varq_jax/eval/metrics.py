@@ -29,6 +29,7 @@ from typing import Iterator, Mapping, Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from clu import metrics as clu_metrics
 from scipy import linalg
 
 from varq_jax.eval.inception import POOL_DIM, SPATIAL_DIM
@@ -301,3 +302,11 @@ def adm_scores(samples, reference_pool, reference_stats: Optional[Tuple[FeatureS
         "precision": precision,
         "recall": recall,
     }
+
+
+def class_accuracy(logits, labels) -> float:
+    """Top-1 accuracy of a classifier's logits w.r.t. the labels (clu's Accuracy: the same metric type the
+    training loops and other JAX projects merge across batches and hosts)."""
+    acc = clu_metrics.Accuracy.from_model_output(logits=jnp.asarray(logits, jnp.float32),
+                                                  labels=jnp.asarray(labels, jnp.int32))
+    return float(acc.compute())

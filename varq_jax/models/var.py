@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import flax
 import flax.linen as nn
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,9 +92,8 @@ def qkv_heads(qkv: Array, q_bias: Array, v_bias: Array, heads: int, head_scale: 
     """The mat_qkv output [..., n, 3C] → q, k, v [..., n, heads, C / heads] float32 with the q/v biases added;
     with head_scale [heads] (attn_l2_norm) q and k are L2-normalised per head and q is scaled per head."""
     qkv = qkv.astype(jnp.float32)
-    c = qkv.shape[-1] // 3
     qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
-    q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(*qkv.shape[:-1], heads, c // heads) for i in range(3))
+    q, k, v = (einops.rearrange(t, "... (h d) -> ... h d", h=heads) for t in jnp.split(qkv, 3, axis=-1))
     if head_scale is not None:
         q = l2_normalize(q) * head_scale[:, None]
         k = l2_normalize(k)
@@ -190,7 +190,7 @@ class SelfAttention(nn.Module):
             out = jnp.concatenate([self._attend(q[:, s:e], k[:, :e], v[:, :e]) for s, e in cfg.begin_ends], 1)
         else:
             out = attention(q, k, v, cfg.attn_scale, jnp.asarray(cfg.block_causal_mask()))
-        out = out.reshape(b, n, c)
+        out = einops.rearrange(out, "b n h d -> b n (h d)")
         return Dense(c, "proj", dtype=self.dtype, policy=self.policy, name="proj")(out), cache
 
     def _attend(self, q, k, v):

@@ -67,3 +67,35 @@ def generate_calibration(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict,
             progress(start + keep, n)
     cat = lambda parts: [jnp.concatenate(s, axis=0) for s in zip(*parts)]
     return CalibrationSet(labels, cat(tokens), cat(probs) if keep_probs else None)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _teacher_forced_probs(vae, var, settings, params, labels, tokens):
+    x = vae.apply({"params": params["vae"]}, tokens, method=VQVAE.idx_to_var_input)
+    b, cfg = labels.shape[0], var.cfg
+    both = jnp.concatenate([labels, jnp.full_like(labels, cfg.num_classes)])
+    logits = var.apply({"params": params["var"]}, both, jnp.concatenate([x, x])).astype(jnp.float32)
+    out, sn = [], cfg.num_scales
+    for si, (start, end) in enumerate(cfg.begin_ends):
+        t = settings.cfg * (si / (sn - 1) if sn > 1 else 0.0)
+        guided = (1 + t) * logits[:b, start:end] - t * logits[b:, start:end]
+        out.append(jax.nn.softmax(sampling.mask_top_k_top_p(guided, settings.top_k, settings.top_p), axis=-1))
+    return out
+
+
+def teacher_forced_probs(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, labels: np.ndarray,
+                         tokens: List[jax.Array], settings: sampling.SamplingConfig, batch_size: int = 32,
+                         dtype=jnp.float32) -> List[jax.Array]:
+    """The masked probabilities each calibration token was drawn from, recomputed teacher-forced (one forward
+    over the stored token maps, CFG and top-k/top-p as in sampling): what resampling needs when the calibration
+    set comes from disk or from another run. In float32 they equal the sampling-time ones to float rounding."""
+    labels = sampling.validate(settings, var_cfg, labels)
+    vae, var = VQVAE(vae_cfg, dtype), VAR(var_cfg, dtype)
+    n, bs = len(labels), min(batch_size, len(labels))
+    parts = []
+    for start in range(0, n, bs):
+        idx = np.arange(start, start + bs) % n
+        p = _teacher_forced_probs(vae, var, settings, params, jnp.asarray(labels[idx]),
+                                  [jnp.asarray(t)[idx] for t in tokens])
+        parts.append([a[:min(bs, n - start)] for a in p])
+    return [jnp.concatenate(s, axis=0) for s in zip(*parts)]

@@ -8,9 +8,7 @@ quantization errors go into the report.
 """
 import contextlib
 import dataclasses
-import json
-import os
-import tempfile
+import functools
 import time
 from typing import Callable, Optional
 
@@ -19,15 +17,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from varq_jax import sampling
+from varq_jax import fingerprint, sampling
 from varq_jax.checkpoint import ModelCheckpoint
 from varq_jax.models.var import VAR
 from varq_jax.models.vqvae import VQVAE
-from varq_jax.quant import bops, calibration, capture, registry, resampling, rules, state, theta as theta_lib
+from varq_jax.quant import (
+    bops,
+    calibration,
+    observe,
+    registry,
+    resampling,
+    rules,
+    state,
+    units,
+)
+from varq_jax.quant import theta as theta_lib
 from varq_jax.quant.policy import QuantPolicy
 from varq_jax.quant.settings import PTQSettings
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+DTYPES = sampling.DTYPES
 
 
 def config_rules(config) -> tuple:
@@ -69,7 +77,7 @@ def validate(policy: QuantPolicy, settings: PTQSettings, var_cfg) -> None:
     """Every check against the model that can fail, before any work (rules, groups, sampling settings)."""
     policy.check(var_cfg)                                  # every rule matches a module; groups divide
     sampling.validate(calib_settings(settings, var_cfg), var_cfg, np.zeros(1, np.int32))
-    names = [t.name for t in capture.recon_targets(var_cfg)]
+    names = [t.name for t in units.recon_targets(var_cfg)]
     unknown = [u for u in settings.recon.units if u not in names]
     if unknown:
         raise ValueError(f"recon.units: unknown reconstruction units {unknown}; valid: {', '.join(names)}")
@@ -91,36 +99,6 @@ def calib_settings(settings, var_cfg) -> sampling.SamplingConfig:
     """The calibration sampler's settings (of PTQSettings, or a config's calib fields)."""
     c = settings.calib
     return sampling.SamplingConfig(c.cfg, min(c.top_k, var_cfg.vocab_size), c.top_p)
-
-
-class Workdir:
-    """Stage results on disk: small JSON records and npz arrays, each written atomically."""
-
-    def __init__(self, path: str):
-        self.path = path
-        os.makedirs(path, exist_ok=True)
-        self.record_file = os.path.join(path, "stages.json")
-        self.records = json.load(open(self.record_file)) if os.path.exists(self.record_file) else {}
-
-    def done(self, stage: str) -> bool:
-        return stage in self.records
-
-    def finish(self, stage: str, **record) -> None:
-        self.records[stage] = record
-        tmp = self.record_file + ".partial"
-        with open(tmp, "w") as f:
-            json.dump(self.records, f, indent=1)
-        os.replace(tmp, self.record_file)
-
-    def save_arrays(self, name: str, **arrays) -> None:
-        path = os.path.join(self.path, name + ".npz")
-        with open(path + ".partial", "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-        os.replace(path + ".partial", path)
-
-    def load_arrays(self, name: str) -> dict:
-        with np.load(os.path.join(self.path, name + ".npz")) as z:
-            return {k: z[k] for k in z.files}
 
 
 @dataclasses.dataclass
@@ -145,91 +123,158 @@ def _timed(report: dict, stage: str, log: Callable):
     return _T()
 
 
-def run_ptq(ck: ModelCheckpoint, config, workdir: str, log: Callable = print,
-            reconstruct: Optional[Callable] = None, progress=None) -> PTQResult:
-    """The pipeline of a PTQ config (configs/ptq.py) on a loaded FP model; see `ptq`."""
-    policy, settings = from_config(config, ck.var_cfg)
-    report_config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return ptq(ck, policy, settings, workdir, log, reconstruct, report_config=report_config, progress=progress)
+class NoStore:
+    """The stage-store protocol of `varq_jax.runs.store.StageStore`, keeping nothing: every stage is made."""
+
+    def get(self, stage: str, fp):
+        return None
+
+    def put(self, stage: str, fp, arrays: dict, result: Optional[dict] = None) -> None:
+        pass
+
+    def making(self, stage: str, fp):
+        return contextlib.nullcontext()
+
+    def scratch(self, stage: str) -> Optional[str]:
+        return None
 
 
-def ptq(ck: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings, workdir: str, log: Callable = print,
-        reconstruct: Optional[Callable] = None, report_config: Optional[dict] = None, progress=None) -> PTQResult:
+def stage_fingerprints(var_cfg, model_id: str, policy: QuantPolicy, settings: PTQSettings) -> dict:
+    """{stage: fingerprint} of the stages a run makes, in order. Each fingerprint holds everything its stage
+    depends on in user-level names (its upstream stages' fields included), so a difference makes that stage and
+    every stage after it stale, and the differing names are the fields a user set."""
+    calib = fingerprint.fingerprint(model=model_id, calib={**dataclasses.asdict(settings.calib),
+                                                           "dtype": settings.calib_dtype},
+                                    matmul_precision=settings.matmul_precision)
+    quant = fingerprint.fingerprint(policy.to_dict(), policy_class=f"{type(policy).__module__}.{type(policy).__name__}")
+    init = {**calib, **quant}
+    plan = {"calibration": calib}
+    sas = bool(theta_lib.shift_and_sum_blocks(var_cfg, policy))
+    if sas:
+        init = plan["theta"] = {**init, "dtype": settings.dtype, **fingerprint.fingerprint(theta=settings.theta)}
+    data = calib
+    if settings.resampling:
+        data = plan["resampling"] = {**calib, "resampling": True}
+    if settings.reconstruction:
+        recon = plan["reconstruction"] = {**data, **init, **fingerprint.fingerprint(recon=settings.recon.to_dict())}
+        if sas:
+            plan["theta_after"] = dict(recon)
+    return plan
+
+
+def ptq(ck: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings, log: Callable = print,
+        reconstruct: Optional[Callable] = None, report_config: Optional[dict] = None, progress=None,
+        store=None, plan: Optional[dict] = None) -> PTQResult:
     """The whole pipeline on a loaded FP model. `reconstruct(ck, policy, quant, calib, settings, workdir, log)`
     returns the quant tree with learned α (the BRECQ/AdaRound stage, `recon_stage.reconstruct`); needed when
-    `settings.reconstruction` is on. `progress` (a `varq_jax.progress.Progress`) reports calibration batches and
-    reconstruction chunks as they finish."""
+    `settings.reconstruction` is on. `store` keeps finished stages under the fingerprints of `plan`
+    (`stage_fingerprints`; `varq_jax.runs.store`): a stage found there is reused, not made. `progress` (a
+    `varq_jax.progress.Progress`) reports calibration batches and reconstruction chunks as they finish."""
     var_cfg = ck.var_cfg
     validate(policy, settings, var_cfg)
     if settings.reconstruction and reconstruct is None:
         raise ValueError("settings.reconstruction is on but no reconstruction stage was given")
-    wd = Workdir(workdir)
+    if store is None:
+        store, plan = NoStore(), None
+    plan = plan or {k: {} for k in stage_fingerprints(var_cfg, "", policy, settings)}
     search_policy = dataclasses.replace(policy, phase="nearest")     # before reconstruction: round to nearest
     dtype = DTYPES[settings.dtype]
     sampling_settings = calib_settings(settings, var_cfg)
     cs = settings.calib
     report = {"stages": {}, "config": report_config or {**settings.to_dict(), **policy.to_dict()}}
 
-    # 1. calibration set (FP samples with their masked probabilities)
-    with _timed(report, "calibration", log):
+    def stage(name: str, make: Callable):
+        """(arrays, result) of a stage: from the store when it holds it, else made (under its lock) and kept."""
+        got = store.get(name, plan[name])
+        if got is None:
+            with store.making(name, plan[name]):
+                got = store.get(name, plan[name])         # a run sharing the workdir may have made it meanwhile
+                if got is None:
+                    got = make()
+                    store.put(name, plan[name], *got)
+                    return got
+        log(f"  [{name}] reused from the workdir")
+        return got
+
+    # 1. calibration set (FP samples; the masked probabilities stay in memory for resampling)
+    fresh = {}
+
+    def make_calibration():
         labels = calibration.calibration_labels(cs.num_samples, var_cfg.num_classes, cs.seed)
-        if wd.done("calibration"):
-            arrays = wd.load_arrays("calibration")
-            calib = calibration.CalibrationSet(arrays["labels"], [jnp.asarray(arrays[f"tokens_{s}"])
-                                                                  for s in range(var_cfg.num_scales)], None)
-        else:
-            with precision_scope(settings, dtype):
-                report_batch = None if progress is None else (
-                    lambda done, total: progress.update(f"  calibration: {done}/{total} samples", final=done == total))
-                calib = calibration.generate_calibration(ck.vae_cfg, var_cfg, ck.params, labels, cs.seed,
-                                                         sampling_settings, cs.batch_size, dtype,
-                                                         keep_probs=settings.resampling, progress=report_batch)
+        with precision_scope(settings, DTYPES[settings.calib_dtype]):
+            report_batch = None if progress is None else (
+                lambda done, total: progress.update(f"  calibration: {done}/{total} samples", final=done == total))
+            calib = calibration.generate_calibration(ck.vae_cfg, var_cfg, ck.params, labels, cs.seed,
+                                                     sampling_settings, cs.batch_size, DTYPES[settings.calib_dtype],
+                                                     keep_probs=settings.resampling, progress=report_batch)
+        fresh["probs"] = calib.probs
+        return {"labels": calib.labels, "tokens": list(calib.tokens)}, {}
+
+    with _timed(report, "calibration", log):
+        arrays, _ = stage("calibration", make_calibration)
+        calib = calibration.CalibrationSet(np.asarray(arrays["labels"]), [jnp.asarray(t) for t in arrays["tokens"]],
+                                           fresh.get("probs"))
     # 2. weight quantizers (each site's grid at its rule), calibrated activation-quantizer state
     with _timed(report, "init", log):
         quant = state.init_quant_state(ck.params["var"], policy)
         if _stateful_acts(policy, var_cfg):
             with precision_scope(settings, jnp.float32):
-                quant = capture.observe_activations(ck.vae_cfg, var_cfg, ck.params, quant, policy, calib.labels,
+                quant = observe.observe_activations(ck.vae_cfg, var_cfg, ck.params, quant, policy, calib.labels,
                                                     calib.tokens, batch_size=cs.batch_size)
     # 3. θ before reconstruction
     theta_keys = calibration.per_image_keys(cs.seed + 1, np.arange(settings.theta.num_samples))
     theta_labels = calib.labels[:settings.theta.num_samples]
 
-    def theta_stage(stage: str, stage_policy, quant, key: str):
-        with _timed(report, stage, log), precision_scope(settings, dtype):
-            theta, note, extra = _search_theta(ck, stage_policy, quant, theta_labels, theta_keys, sampling_settings,
-                                               settings, dtype)
-            report[key], report["sas_extra_bops"] = theta, extra
-            if note:
-                report["theta_note"] = note
-            log(f"  θ = {theta:.6g} {note}")
-        return state.set_theta(quant, theta)
+    def theta_stage(name: str, stage_policy, quant, key: str):
+        def make():
+            with precision_scope(settings, dtype):
+                theta, note, extra = _search_theta(ck, stage_policy, quant, theta_labels, theta_keys,
+                                                   sampling_settings, settings, dtype)
+            return {}, {"theta": theta, "note": note, "sas_extra_bops": extra}
+        with _timed(report, name, log):
+            _, r = stage(name, make)
+            report[key], report["sas_extra_bops"] = r["theta"], r["sas_extra_bops"]
+            if r["note"]:
+                report["theta_note"] = r["note"]
+            log(f"  θ = {r['theta']:.6g} {r['note']}")
+        return state.set_theta(quant, r["theta"])
 
-    sas = bool(theta_lib.shift_and_sum_blocks(var_cfg, policy))
+    sas = "theta" in plan
     if sas:
         quant = theta_stage("theta", search_policy, quant, "theta_before_reconstruction")
-    # 4. resampling
-    if settings.resampling and not wd.done("calibration"):
+    # 4. resampling (the probabilities recomputed teacher-forced when the calibration set came from disk)
+    if settings.resampling:
+        def make_resampling():
+            probs = calib.probs
+            if probs is None:
+                log("  recomputing the calibration probabilities teacher-forced")
+                with precision_scope(settings, DTYPES[settings.calib_dtype]):
+                    probs = calibration.teacher_forced_probs(ck.vae_cfg, var_cfg, ck.params, calib.labels,
+                                                             calib.tokens, sampling_settings, cs.batch_size,
+                                                             DTYPES[settings.calib_dtype])
+            before = resampling.frequency_mismatch_per_scale(calib.tokens, probs)
+            tokens = resampling.resample_scales(jax.random.PRNGKey(cs.seed + 10_000), calib.tokens, probs)
+            after = resampling.frequency_mismatch_per_scale(tokens, probs)
+            return {"tokens": [np.asarray(t) for t in tokens]}, {
+                "frequency_mismatch": {"before": [float(x) for x in before], "after": [float(x) for x in after]}}
+
         with _timed(report, "resampling", log):
-            before = resampling.frequency_mismatch_per_scale(calib.tokens, calib.probs)
-            key = jax.random.PRNGKey(cs.seed + 10_000)
-            calib.tokens = [jnp.asarray(t) for t in resampling.resample_scales(key, calib.tokens, calib.probs)]
-            after = resampling.frequency_mismatch_per_scale(calib.tokens, calib.probs)
-            report["frequency_mismatch"] = {"before": [float(x) for x in before], "after": [float(x) for x in after]}
-    if not wd.done("calibration"):
-        wd.save_arrays("calibration", labels=calib.labels, **{f"tokens_{s}": t for s, t in enumerate(calib.tokens)})
-        wd.finish("calibration", resampled=bool(settings.resampling),
-                  frequency_mismatch=report.get("frequency_mismatch"))
-    else:
-        report["frequency_mismatch"] = wd.records["calibration"].get("frequency_mismatch")
-    calib.probs = None                                        # free the [N, L, V] probabilities
+            arrays, r = stage("resampling", make_resampling)
+            calib.tokens = [jnp.asarray(t) for t in arrays["tokens"]]
+            report["frequency_mismatch"] = r["frequency_mismatch"]
+    calib.probs = fresh["probs"] = None                       # free the [N, L, V] probabilities
     # 5. reconstruction
     if settings.reconstruction:
-        with _timed(report, "reconstruction", log), precision_scope(settings, jnp.float32):
+        def make_reconstruction():
             extra = {} if progress is None else {"progress": progress}
-            quant, recon_report = reconstruct(ck, policy, quant, calib, settings, os.path.join(workdir, "recon"), log,
-                                              **extra)
-            report["reconstruction"] = recon_report
+            with precision_scope(settings, jnp.float32):
+                learned, recon_report = reconstruct(ck, policy, quant, calib, settings,
+                                                    store.scratch("reconstruction"), log, **extra)
+            return {"quant": learned}, recon_report
+
+        with _timed(report, "reconstruction", log):
+            arrays, report["reconstruction"] = stage("reconstruction", make_reconstruction)
+            quant = jax.tree.map(jnp.asarray, arrays["quant"])
         # 6. θ again, with the learned rounding
         if sas:
             quant = theta_stage("theta_after", policy, quant, "theta")
@@ -242,19 +287,16 @@ def ptq(ck: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings, workdir
 
 
 def quantize(model: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings = PTQSettings(),
-             workdir: Optional[str] = None, log: Callable = print) -> PTQResult:
-    """Post-training quantization of a loaded FP model under a rule table: the whole pipeline (reconstruction when
-    `settings.reconstruction`). With `workdir` every finished stage is kept there and a new call resumes; without,
-    a temporary directory is used. The result's policy has phase 'hard' where reconstruction ran."""
+             log: Callable = print) -> PTQResult:
+    """Post-training quantization of a loaded FP model under a rule table: the whole pipeline in memory
+    (reconstruction when `settings.reconstruction`); `varq_jax.runs.ptq.run` is the same with a resumable,
+    fingerprinted workdir. The result's policy has phase 'hard' where reconstruction ran."""
     from varq_jax.quant.recon_stage import reconstruct
     if model.policy is not None:
         raise ValueError("the model is already quantized; quantize starts from a full-precision one")
     if settings.reconstruction:
         policy = dataclasses.replace(policy, phase="hard")
-    if workdir is not None:
-        return ptq(model, policy, settings, workdir, log, reconstruct)
-    with tempfile.TemporaryDirectory() as tmp:
-        return ptq(model, policy, settings, tmp, log, reconstruct)
+    return ptq(model, policy, settings, log, reconstruct)
 
 
 def _stateful_acts(policy: QuantPolicy, var_cfg) -> bool:
@@ -314,15 +356,21 @@ def weight_errors(var_params, quant, policy: QuantPolicy) -> dict:
             for p in flat if p[-1] == "kernel" and np.ndim(flat[p]) == 2 and policy.rule_for("/".join(p[:-1])).weights}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sown_errors(var_cfg, policy, params, quant, labels, x):
+    _, sown = VAR(var_cfg, jnp.float32, policy).apply({"params": params, "quant": quant}, labels, x,
+                                                      mutable=["intermediates"])
+    return sown
+
+
 def activation_errors(ck: ModelCheckpoint, policy: QuantPolicy, quant, calib, num: int = 8) -> dict:
     """Relative L2 error of each Linear's quantized input on `num` calibration samples (teacher-forced, CFG)."""
     n = min(num, len(calib.labels))
     tokens = [t[:n] for t in calib.tokens]
     x = VQVAE(ck.vae_cfg).apply({"params": ck.params["vae"]}, tokens, method=VQVAE.idx_to_var_input)
     labels = jnp.concatenate([jnp.asarray(calib.labels[:n]), jnp.full(n, ck.var_cfg.num_classes, jnp.int32)])
-    model = VAR(ck.var_cfg, jnp.float32, dataclasses.replace(policy, report_errors=True))
-    _, sown = jax.jit(lambda p, q: model.apply({"params": p, "quant": q}, labels, jnp.concatenate([x, x]),
-                                               mutable=["intermediates"]))(ck.params["var"], quant)
+    sown = _sown_errors(ck.var_cfg, dataclasses.replace(policy, report_errors=True), ck.params["var"], quant, labels,
+                        jnp.concatenate([x, x]))
     out = {}
     for path, v in traverse_util.flatten_dict(sown["intermediates"]).items():
         if path[-1] == "act_err":

@@ -10,6 +10,7 @@ Layouts are ours: Linear kernels [in, out], activations [..., channels], attenti
 import inspect
 from typing import Callable, Optional, Tuple
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -54,7 +55,7 @@ def _split_last(x: Array, group: int) -> Array:
     c = x.shape[-1]
     if c % group:
         raise ValueError(f"last axis ({c}) is not a multiple of the group size {group}")
-    return x.reshape(*x.shape[:-1], c // group, group)
+    return einops.rearrange(x, "... (g s) -> ... g s", s=group)
 
 
 def _minmax_fake_quant(x: Array, bits: int, axes) -> Array:

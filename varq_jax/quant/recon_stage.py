@@ -4,7 +4,7 @@ import time
 import jax
 
 from varq_jax import progress as progress_lib
-from varq_jax.quant.capture import recon_targets
+from varq_jax.quant.units import recon_targets
 from varq_jax.quant.reconstruction import reconstruct_model
 
 

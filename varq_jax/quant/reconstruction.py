@@ -30,11 +30,11 @@ from flax import traverse_util
 from varq_jax.models.var import VARConfig
 from varq_jax.models.vqvae import VQVAEConfig
 from varq_jax.quant import quantizers, recon_state
-from varq_jax.quant.capture import (BlockStream, Captured, ModuleSpec, ReconTarget, capture, check_calibration,
-                                    linear_paths, partial_model_policy, recon_targets, replace_subtree, segments,
-                                    standalone_policy, subtree, trainable_linears)
+from varq_jax.quant.capture import BlockStream, Captured, capture, check_calibration
+from varq_jax.quant.units import (ModuleSpec, ReconTarget, partial_model_policy, recon_targets, replace_subtree,
+                                  segments, standalone_policy, subtree, trainable_linears)
 from varq_jax.quant.policy import QuantPolicy
-from varq_jax.quant.recon_state import fingerprint
+from varq_jax.fingerprint import describe, differences, fingerprint
 
 Array = jax.Array
 BATCH_UNITS = ("rows", "samples")
@@ -399,18 +399,17 @@ def reconstruct_model(vae_cfg: VQVAEConfig, var_cfg: VARConfig, params: dict, qu
     labels, tokens = check_calibration(var_cfg, labels, tokens)
     _check_quant(params["var"], quant, [t for _, t in selected], policy)
     key_data = _key_data(key)
-    run_fp = fingerprint(var_cfg=dataclasses.asdict(var_cfg), policy=policy.to_dict(), rc=rc.to_dict(),
-                         units=[t.name for _, t in selected], key=key_data.tolist(), labels=labels, tokens=tokens,
-                         initial_quant=quant)
+    run_fp = fingerprint(model=dataclasses.asdict(var_cfg), quant=policy.to_dict(), recon=rc.to_dict(),
+                         units=[t.name for _, t in selected], key=key_data.tolist(), calibration_labels=labels,
+                         calibration_tokens=tokens, initial_quant_state=quant)
 
     done, records = [], []
     saved = recon_state.load_latest(workdir) if workdir else None
     if saved is not None:
         old = saved["fingerprint"]
-        diff = sorted(k for k in set(run_fp) | set(old) if run_fp.get(k) != old.get(k))
-        if diff:
-            raise ValueError(f"{workdir!r} holds a reconstruction run with a different {', '.join(diff)}; "
-                             f"use another workdir or the original arguments")
+        if differences(old, run_fp):
+            raise ValueError(f"{workdir!r} holds a reconstruction run made with other settings "
+                             f"({describe(old, run_fp)}); use another workdir or the original arguments")
         quant = jax.tree.map(jnp.asarray, saved["quant"])
         done, records = saved["done"], saved["records"]
 

@@ -2,6 +2,8 @@
 import json
 import os
 
+from varq_jax.files import atomic_write
+
 
 def _fmt_bops(x: float) -> str:
     return f"{x / 1e12:.3f} T" if x >= 1e11 else f"{x / 1e9:.3f} G"
@@ -54,12 +56,11 @@ def to_markdown(report: dict) -> str:
         for name in we:
             a = ae.get(name)
             lines.append(f"| {name} | {we[name]:.4f} | {'' if a is None else f'{a:.4f}'} |")
+    if report.get("parameter_overview"):
+        lines += ["", "## VAR parameters", "", "```", report["parameter_overview"], "```"]
     return "\n".join(lines) + "\n"
 
 
 def write(out_dir: str, report: dict) -> None:
     for name, text in (("report.json", json.dumps(report, indent=1, default=float)), ("report.md", to_markdown(report))):
-        path = os.path.join(out_dir, name)
-        with open(path + ".partial", "w") as f:
-            f.write(text)
-        os.replace(path + ".partial", path)
+        atomic_write(os.path.join(out_dir, name), text)

@@ -28,8 +28,11 @@ class CalibSettings:
     top_k: int = 900
     top_p: float = 0.96
     batch_size: int = 32
+    dtype: str = "auto"                   # of the calibration sampler: bfloat16 | float32 | auto (the run's dtype)
 
     def __post_init__(self):
+        if self.dtype not in ("auto",) + DTYPES:
+            raise ValueError(f"calib.dtype must be one of {('auto',) + DTYPES}, got {self.dtype!r}")
         _positive_int("calib.num_samples", self.num_samples)
         _positive_int("calib.batch_size", self.batch_size)
 
@@ -69,6 +72,10 @@ class PTQSettings:
         if self.theta.num_samples > self.calib.num_samples:
             raise ValueError(f"theta.num_samples ({self.theta.num_samples}) must be <= calib.num_samples "
                              f"({self.calib.num_samples})")
+
+    @property
+    def calib_dtype(self) -> str:
+        return self.dtype if self.calib.dtype == "auto" else self.calib.dtype
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

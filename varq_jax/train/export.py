@@ -50,7 +50,7 @@ def nbytes(params) -> int:
 def save(directory: str, params, *, kind: str, config, meta: Optional[dict] = None) -> str:
     """Writes params (as given, e.g. from `cast_kernels`) and info.json into a temporary sibling directory that
     replaces `directory` only when complete."""
-    from varq_jax.checkpoint import atomic_directory
+    from varq_jax.files import atomic_directory
     config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     info = {"kind": kind, "config": config_dict, "bytes": nbytes(params), "meta": meta or {}}
     with atomic_directory(directory, overwrite=True) as tmp:

@@ -7,7 +7,7 @@ The provenance (training command, seed, commit, card, training metrics) goes int
 import os
 import shutil
 
-from varq_jax import checkpoint
+from varq_jax import checkpoint, files
 from varq_jax.train import export
 
 TRAIN_COMMAND = "python -m experiments.train --config=configs/train_default.py --workdir=runs/default --stage=all"
@@ -28,6 +28,6 @@ def ship_default(workdir: str, assets_dir: str, *, commit: str, device: str, dat
     out = os.path.join(assets_dir, "vae_var")
     checkpoint.save(out, vae_cfg, var_cfg, {"vae": vae_params, "var": var_params}, meta=meta, overwrite=True)
     cls_dst = os.path.join(assets_dir, "classifier")
-    with checkpoint.atomic_directory(cls_dst, overwrite=True) as tmp:
+    with files.atomic_directory(cls_dst, overwrite=True) as tmp:
         shutil.copytree(os.path.join(workdir, "classifier", "export"), tmp)
     return out

@@ -5,6 +5,7 @@ samples.png (FP row above the quantized row, same labels and keys); WORKDIR/stat
 """
 import os
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import numpy as np
 
 from varq_jax import checkpoint, default_model, image_io, sampling
 from varq_jax.quant import export, pipeline, report as report_lib
+from varq_jax.runs import ptq as ptq_run
 
 
 def comparison_grid(ck, policy, quant, num: int, seed: int, dtype) -> np.ndarray:
@@ -27,8 +29,11 @@ def comparison_grid(ck, policy, quant, num: int, seed: int, dtype) -> np.ndarray
     return image_io.make_grid(image_io.to_uint8(jnp.concatenate(rows)), ncol=num)
 
 
-def quantize_command(config, checkpoint_path, workdir: str, log=print, progress=None) -> dict:
-    """`progress`: a `varq_jax.progress.Progress` for live calibration and reconstruction progress (None: quiet)."""
+def quantize_command(config, checkpoint_path, workdir: str, log=print, progress=None, restart: bool = False,
+                     calibration: Optional[str] = None) -> dict:
+    """`progress`: a `varq_jax.progress.Progress` for live calibration and reconstruction progress (None: quiet);
+    `restart`: discard stages of WORKDIR/state made with other settings (else they are refused);
+    `calibration`: take the calibration set of another run (its workdir or stage directory)."""
     if checkpoint_path is not None and not os.path.isdir(checkpoint_path):
         raise checkpoint.CheckpointError(f"checkpoint directory {checkpoint_path!r} does not exist")
     ck = default_model.load_model(checkpoint_path)
@@ -43,8 +48,8 @@ def quantize_command(config, checkpoint_path, workdir: str, log=print, progress=
         reconstruct = None
         if config.reconstruction:
             from varq_jax.quant.recon_stage import reconstruct
-        result = pipeline.run_ptq(ck, config, os.path.join(workdir, "state"), log, reconstruct=reconstruct,
-                                  progress=progress)
+        result = ptq_run.run_config(ck, config, os.path.join(workdir, "state"), log=log, reconstruct=reconstruct,
+                                    progress=progress, restart=restart, calibration=calibration)
         policy, quant, report = result.policy, result.quant, result.report
         report["weight_errors"] = pipeline.weight_errors(ck.params["var"], quant, policy)
         with pipeline.precision_scope(pipeline.PTQSettings.from_config(config), jnp.float32):
@@ -54,6 +59,8 @@ def quantize_command(config, checkpoint_path, workdir: str, log=print, progress=
         report = {"stages": {}, "config": config.to_dict()}
         report["bops"] = {"fp32": pipeline.bops_report(ck.var_cfg, None)["fp32"]}
     report["model"] = default_model.describe(ck)
+    from clu import parameter_overview      # lazily: the library runs where clu is absent (e.g. bare GPU images)
+    report["parameter_overview"] = parameter_overview.get_parameter_overview(ck.params["var"], include_stats=False)
     report["random_weights"] = bool(ck.meta.get("random_weights", False))
     os.makedirs(workdir, exist_ok=True)
     if config.samples.num > 0:

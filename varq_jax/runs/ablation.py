@@ -1,0 +1,325 @@
+"""The ablation table: PTQ presets × methods on one FP checkpoint, evaluated alike, in one markdown table.
+
+`run_ablation` quantizes the model once per (preset, method) with `workflow.quantize_command` (each run in its own
+directory under `workdir`, skipped when its outputs exist, resumed when they are partial), evaluates the FP model
+and every quantized checkpoint with `evaluate.evaluate` on the same labels and keys (the FP samples are the
+reference of the "FD to FP" column), adds the two diagnostics of `diagnostics`, and writes `out` (markdown) and
+the same numbers as JSON beside it. Every name, override and setting is checked before any work.
+
+Layout of `workdir`: fp/eval/, <preset>_<method>/ptq/ (model/, report.json, state/), <preset>_<method>/eval/;
+<run>/ptq_config.json is the run's PTQ config (a rerun with another config is refused: the PTQ stages resume from
+disk), <run>/eval_time.json its evaluation wall time (so a skipped run still reports it).
+"""
+import dataclasses
+import datetime
+import json
+import os
+import socket
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from varq_jax import default_model, parallel
+from varq_jax.files import atomic_write
+from varq_jax.eval import evaluate as ev
+from varq_jax.eval import metrics
+from varq_jax.quant import calibration, diagnostics, pipeline, state, theta as theta_lib
+from varq_jax.checkpoint import read_state
+from varq_jax.runs import ptq as ptq_run, quantize as workflow
+from varq_jax.runs.results_table import findings, write
+
+SAS_METHODS = ("full", "brecq_sas")                 # runs whose θ the A·V diagnostic uses, in this order
+EVAL_TIME = "eval_time.json"
+PTQ_CONFIG = "ptq_config.json"
+@dataclasses.dataclass
+class Run:
+    preset: str
+    method: str
+    config: Any                                    # the PTQ ConfigDict, overrides applied
+
+    @property
+    def name(self) -> str:
+        return f"{self.preset}_{self.method}"
+
+
+@dataclasses.dataclass
+class Plan:
+    """The runs of a table (preset-major) as the CLI layer made them from preset names (`varq_jax.cli.
+    ablation_plan`), with the names and overrides they came from (recorded in the result)."""
+    runs: List[Run]
+    presets: List[str]
+    methods: List[str]                            # in table order
+    overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _json_config(config) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=float))
+
+
+def check_runs(runs: Sequence[Run], var_cfg, workdir: str) -> None:
+    """Each config is valid for the model, and no run in `workdir` was started with another config."""
+    for r in runs:
+        pipeline.validate_config(r.config, var_cfg)
+        path = os.path.join(workdir, r.name, PTQ_CONFIG)
+        if os.path.exists(path):
+            old, new = json.load(open(path)), _json_config(r.config)
+            if old != new:
+                diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise ValueError(f"{os.path.join(workdir, r.name)} holds a run started with another config (differs "
+                                 f"in {', '.join(diff)}): use another workdir or delete that directory")
+
+
+# --- one run ----------------------------------------------------------------------------------------------------
+def _ptq(run: Run, checkpoint: Optional[str], run_dir: str, log: Callable) -> dict:
+    ptq_dir = os.path.join(run_dir, "ptq")
+    report_path = os.path.join(ptq_dir, "report.json")
+    if os.path.exists(report_path) and os.path.isdir(os.path.join(ptq_dir, "model")):
+        log(f"[{run.name}] PTQ outputs exist: skipped")
+        return json.load(open(report_path))
+    log(f"[{run.name}] PTQ ...")
+    os.makedirs(run_dir, exist_ok=True)
+    # before any work: a resumed run must match it
+    atomic_write(os.path.join(run_dir, PTQ_CONFIG), json.dumps(_json_config(run.config), indent=1))
+    workflow.quantize_command(run.config, checkpoint, ptq_dir, log=log)
+    return json.load(open(report_path))        # what was written (JSON types), as a skipped run would read it
+
+
+def _eval_reusable(results: dict, config: ev.EvalConfig, num_images: int, vocab_size: int) -> bool:
+    s = results.get("samples", {})
+    settings = json.loads(json.dumps(dataclasses.asdict(config.sampling_config(vocab_size))))
+    return (s.get("num_images") == num_images and s.get("seed") == config.seed and s.get("dtype") == config.dtype
+            and s.get("sampling") == settings and results.get("metrics")
+            and results.get("references", {}).get("ref_samples") == config.ref_samples)
+
+
+def _evaluate(checkpoint: Optional[str], run_dir: str, config: ev.EvalConfig, res: ev.Resources, num_images: int,
+              vocab_size: int, mesh, log: Callable, model=None):
+    """results.json of the run's evaluation (reused when it matches the settings) and its wall time."""
+    out_dir = os.path.join(run_dir, "eval")
+    results_path, time_path = os.path.join(out_dir, ev.RESULTS), os.path.join(run_dir, EVAL_TIME)
+    if os.path.exists(results_path) and os.path.exists(time_path):
+        results = json.load(open(results_path))
+        if _eval_reusable(results, config, num_images, vocab_size):
+            log(f"[{os.path.basename(run_dir)}] evaluation outputs exist: skipped")
+            return results, json.load(open(time_path))["seconds"]
+    t = time.perf_counter()
+    ev.evaluate(checkpoint, out_dir, config, mesh=mesh, resources=res, model=model, log=log)
+    seconds = round(time.perf_counter() - t, 3)
+    atomic_write(time_path, json.dumps({"seconds": seconds}))
+    return json.load(open(results_path)), seconds
+
+
+def _row(name: str, preset: str, method: str, results: dict, eval_s: float, report: Optional[dict],
+         w_bits=None, a_bits=None, bops=None) -> dict:
+    m = results.get("metrics", {})
+    row = {"name": name, "preset": preset, "method": method, "w_bits": w_bits, "a_bits": a_bits,
+           "class_accuracy": m.get("class_accuracy"), "fd_real": m.get("fd_classifier_real"),
+           "fd_fp": m.get("fd_classifier_vs_ref_samples"), "eval_s": eval_s,
+           "num_images": results["samples"]["num_images"]}
+    if report is not None:
+        row.update(bops_quantized=report["bops"]["quantized"], bops_with_sas=report["bops"]["quantized_with_sas"],
+                   theta=report.get("theta"), ptq_s=report["stages"]["total"])
+    else:
+        row.update(bops_quantized=bops, bops_with_sas=None, theta=None, ptq_s=None)
+    return row
+
+
+# --- diagnostics --------------------------------------------------------------------------------------------------
+def _calibration_tokens(ck, runs: Sequence[Run], workdir: str, num: int):
+    """The first `num` calibration token maps (as sampled, before any resampling) of the first run that kept its
+    calibration set, else freshly generated alike."""
+    for r in runs:
+        stage_dir = os.path.join(workdir, r.name, "ptq", "state", ptq_run.CALIBRATION)
+        if os.path.isdir(stage_dir):
+            arrays, _ = read_state(stage_dir)
+            n = min(num, len(arrays["labels"]))
+            return np.asarray(arrays["labels"][:n]), [np.asarray(t[:n]) for t in arrays["tokens"]], r.name
+    c = runs[0].config
+    n = min(num, c.calib.num_samples)
+    labels = calibration.calibration_labels(c.calib.num_samples, ck.var_cfg.num_classes, c.calib.seed)[:n]
+    cal = calibration.generate_calibration(ck.vae_cfg, ck.var_cfg, ck.params, labels, c.calib.seed,
+                                           pipeline.calib_settings(c, ck.var_cfg), c.calib.batch_size,
+                                           pipeline.DTYPES[c.dtype], keep_probs=False)
+    return cal.labels, cal.tokens, "generated"
+
+
+def _search_theta(ck, config) -> float:
+    """θ as the pipeline searches it before reconstruction (min-max weights, round to nearest)."""
+    policy = dataclasses.replace(pipeline.policy_from_config(config), phase="nearest", shift_and_sum=True)
+    quant = state.init_quant_state(ck.params["var"], policy)
+    n = config.theta.num_samples
+    labels = calibration.calibration_labels(config.calib.num_samples, ck.var_cfg.num_classes, config.calib.seed)[:n]
+    keys = calibration.per_image_keys(config.calib.seed + 1, np.arange(n))
+    means, counts, bits = theta_lib.attention_statistics(ck.vae_cfg, ck.var_cfg, ck.params, quant, policy, labels,
+                                                         keys, pipeline.calib_settings(config, ck.var_cfg),
+                                                         pipeline.DTYPES[config.dtype])
+    theta, _ = theta_lib.search(ck.var_cfg, means, counts, bits, policy, config.theta.alpha, config.theta.n_grids)
+    return theta
+
+
+def run_diagnostics(ck, runs: Sequence[Run], reports: Mapping[str, dict], workdir: str, num_samples: int,
+                    log: Callable) -> dict:
+    """A·V error per scale for every a_bits of the runs (θ of their shift-and-sum run, else searched) and the
+    frequency mismatch of every resampling run."""
+    out = {"av_error": [], "frequency_mismatch": []}
+    if num_samples > 0:
+        labels, tokens, source = _calibration_tokens(ck, runs, workdir, num_samples)
+        for a_bits in sorted({r.config.a_bits for r in runs}, reverse=True):
+            same = [r for r in runs if r.config.a_bits == a_bits]
+            sas = [r for m in SAS_METHODS for r in same if r.method == m and reports[r.name].get("theta")]
+            if sas:
+                theta, theta_from = float(reports[sas[0].name]["theta"]), f"{sas[0].name} run"
+            else:
+                theta, theta_from = _search_theta(ck, same[0].config), f"searched with {same[0].preset}'s config"
+            log(f"[diagnostics] A·V error at A{a_bits}, θ = {theta:.6g} ({theta_from})")
+            d = diagnostics.av_error(ck, labels, tokens, a_bits, theta)
+            d.update(theta_from=theta_from, tokens_from=source)
+            out["av_error"].append(d)
+    for r in runs:
+        fm = diagnostics.frequency_mismatch(reports[r.name])
+        if fm is not None:
+            out["frequency_mismatch"].append({"run": r.name, **fm})
+    return out
+
+
+# --- the whole table ----------------------------------------------------------------------------------------------
+def environment() -> dict:
+    d = jax.devices()[0]
+    return {"device": f"{jax.device_count()} × {d.device_kind} ({d.platform})", "host": socket.gethostname(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "jax": jax.__version__}
+
+
+def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str, *,
+                 checkpoint: Optional[str] = None, diag_samples: int = 8, command: str = "",
+                 log: Callable = print) -> dict:
+    """The FP model and every run of `plan`: PTQ, evaluation, diagnostics; writes `out` (markdown) and its .json
+    twin. Returns what the JSON holds."""
+    runs = plan.runs
+    if eval_config.ref_samples:
+        raise ValueError("the ablation sets ref_samples itself (the FP model's samples); leave it empty")
+    if eval_config.dtype not in ev.DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(ev.DTYPES)}, got {eval_config.dtype!r}")
+    if diag_samples < 0:
+        raise ValueError(f"diag_samples must be >= 0, got {diag_samples}")
+    if not out.endswith(".md"):
+        raise ValueError(f"out must be a markdown file (.md), got {out!r}")
+    if checkpoint is not None and not os.path.isdir(checkpoint):
+        raise ValueError(f"checkpoint directory {checkpoint!r} does not exist")
+    ck = default_model.load_model(checkpoint)
+    if ck.policy is not None:
+        raise ValueError(f"{checkpoint} is a quantized checkpoint; the ablation starts from a full-precision one")
+    check_runs(runs, ck.var_cfg, workdir)
+    res = ev.load_resources(eval_config, ck.vae_cfg.image_size, ck.var_cfg.num_classes)
+    num_images = eval_config.num_images or eval_config.num_per_class * ck.var_cfg.num_classes
+    vocab = ck.var_cfg.vocab_size
+    mesh = parallel.make_mesh(eval_config.model_parallel)
+    started = time.perf_counter()
+
+    fp_dir = os.path.join(workdir, "fp")
+    log("[fp] evaluation ...")
+    fp_results, fp_s = _evaluate(checkpoint, fp_dir, eval_config, res, num_images, vocab, mesh, log, model=ck)
+    fp_bops = pipeline.bops_report(ck.var_cfg, None)["fp16"]
+    rows = [_row("fp", "fp", "–", fp_results, fp_s, None, bops=fp_bops)]
+    q_config = dataclasses.replace(eval_config, ref_samples=fp_results["samples"]["path"])
+    res.ref_samples = metrics.load_reference_batch(q_config.ref_samples)
+    reports = {}
+    for i, r in enumerate(runs):
+        log(f"=== {i + 1}/{len(runs)}: {r.name} ===")
+        run_dir = os.path.join(workdir, r.name)
+        reports[r.name] = _ptq(r, checkpoint, run_dir, log)
+        results, eval_s = _evaluate(os.path.join(run_dir, "ptq", "model"), run_dir, q_config, res, num_images,
+                                    vocab, mesh, log)
+        rows.append(_row(r.name, r.preset, r.method, results, eval_s, reports[r.name], r.config.w_bits,
+                         r.config.a_bits))
+    diag = run_diagnostics(ck, runs, reports, workdir, diag_samples, log)
+    result = {
+        "model": default_model.describe(ck), "checkpoint": checkpoint or "default (embedded)",
+        "random_weights": bool(ck.meta.get("random_weights", False)),
+        "num_images": num_images, "eval": {k: v for k, v in dataclasses.asdict(eval_config).items()
+                                           if k in ("seed", "cfg", "top_k", "top_p", "dtype", "num_real")},
+        "classifier": ({"path": res.classifier.source, **res.classifier.info} if res.classifier else None),
+        "eval_notes": fp_results.get("notes", []), "presets": list(plan.presets), "methods": list(plan.methods),
+        "overrides": {k: str(v) for k, v in dict(plan.overrides).items()}, "command": command, **environment(),
+        "rows": rows, "diagnostics": diag, "wall_s": round(time.perf_counter() - started, 1),
+    }
+    result["findings"] = findings(rows, diag)
+    write(out, result)
+    log(f"wrote {out} and {os.path.splitext(out)[0]}.json")
+    return result
+
+
+# --- tables made in parts ---------------------------------------------------------------------------------------
+SHARED = ("model", "checkpoint", "random_weights", "num_images", "eval", "classifier", "overrides")
+PART_FIELDS = ("command", "device", "host", "date", "jax", "wall_s")
+
+
+def merge(parts: Sequence[dict], *, ck=None, workdir: str = "", diag_samples: int = 0, command: str = "",
+          method_order: Sequence[str] = (), make_plan: Optional[Callable] = None, log: Callable = print) -> dict:
+    """One table from ablation results of separate invocations on the same model and evaluation settings (e.g.
+    one per GPU, each with its own presets/methods): rows with higher bit widths first, methods in `method_order`
+    (else as the parts list them), the FP row once, the frequency-mismatch diagnostics joined, and the A·V
+    diagnostic recomputed here on `ck` (the parts' model) when `diag_samples` > 0 — `make_plan(presets, methods,
+    overrides)` gives the runs' configs — else joined from the parts. Mismatched parts are a ValueError, before
+    any work."""
+    order_of = list(method_order) or list(dict.fromkeys(m for p in parts for m in p.get("methods", [])))
+    rank = lambda m: order_of.index(m) if m in order_of else len(order_of)
+    if not parts:
+        raise ValueError("nothing to merge: give at least one ablation result")
+    first = parts[0]
+    for i, p in enumerate(parts[1:], 1):
+        diff = [k for k in SHARED if p.get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"part {i} ({p.get('command')!r}) differs from part 0 in {', '.join(diff)}: "
+                             f"only tables of the same model and evaluation settings can be merged")
+    fp_rows = [next((r for r in p["rows"] if r["name"] == "fp"), None) for p in parts]
+    if any(r is None for r in fp_rows):
+        raise ValueError("every part must hold the FP row")
+    same = lambda r: {k: v for k, v in r.items() if k != "eval_s"}
+    if any(same(r) != same(fp_rows[0]) for r in fp_rows[1:]):
+        raise ValueError("the parts' FP rows differ: they were evaluated separately (share one --workdir so the "
+                         "FP samples, the reference of 'FD to FP', are the same)")
+    rows, seen = [], set()
+    for p in parts:
+        for r in p["rows"]:
+            if r["name"] == "fp":
+                continue
+            if r["name"] in seen:
+                raise ValueError(f"run {r['name']} appears in more than one part")
+            seen.add(r["name"])
+            rows.append(r)
+    q = sorted(rows, key=lambda r: (-r["w_bits"], -r["a_bits"], rank(r["method"])))
+    rows = [fp_rows[0]] + q
+    presets = list(dict.fromkeys(r["preset"] for r in q))
+    methods = sorted({r["method"] for r in q}, key=rank)
+    order = {r["name"]: i for i, r in enumerate(rows)}
+    fms = {fm["run"]: fm for p in parts for fm in p["diagnostics"]["frequency_mismatch"]}
+    av = {}
+    for p in parts:
+        for d in p["diagnostics"]["av_error"]:
+            av.setdefault(d["a_bits"], d)
+    diag = {"av_error": [av[b] for b in sorted(av, reverse=True)],
+            "frequency_mismatch": sorted(fms.values(), key=lambda fm: order.get(fm["run"], len(order)))}
+    if diag_samples > 0:
+        if ck is None:
+            raise ValueError("recomputing the A·V diagnostic needs the parts' model (ck)")
+        if default_model.describe(ck) != first["model"]:
+            raise ValueError(f"the given model ({default_model.describe(ck)}) is not the parts' model "
+                             f"({first['model']})")
+        if make_plan is None:
+            raise ValueError("recomputing the A·V diagnostic needs the runs' configs (make_plan)")
+        runs = [r for r in make_plan(presets, methods, first["overrides"]).runs if r.name in seen]
+        reports = {r["name"]: {"theta": r["theta"]} for r in q}
+        diag["av_error"] = run_diagnostics(ck, runs, reports, workdir, diag_samples, log)["av_error"]
+    result = {k: first[k] for k in SHARED}
+    result.update(eval_notes=first.get("eval_notes", []), presets=presets, methods=methods, command=command,
+                  **environment(), rows=rows, diagnostics=diag,
+                  wall_s=max(p.get("wall_s", 0.0) for p in parts),
+                  parts=[{k: p.get(k) for k in PART_FIELDS} for p in parts],
+                  av_error_from="this merge" if diag_samples > 0 else "the parts")
+    result["findings"] = findings(rows, diag)
+    return result
+
+
