@@ -1,6 +1,6 @@
 """Evaluates checkpoints: sharded, resumable generation over every device, then FID & co. or in-project metrics.
 
-  python -m experiments.evaluate --out=runs/eval/fp                                   # the embedded default model
+  python -m experiments.evaluate --out=runs/eval/fp [--config.num_images=1000]       # the embedded default model
   python -m experiments.evaluate --checkpoint=ckpt/d16_w4a6 --out=runs/eval/w4a6 \\
       --inception=weights/inception --ref_batch=VIRTUAL_imagenet256_labeled.npz --ref_samples=runs/eval/fp/samples.npz
   python -m experiments.evaluate --checkpoints=ckpt/d16_fp,ckpt/d16_w8a8,ckpt/d16_w4a6 --fid_to_first --out=runs/sweep
@@ -8,43 +8,42 @@
 
 Rerunning a stopped command resumes from its finished shards. Several processes (SLURM, Open MPI, a TPU pod, or
 JAX_COORDINATOR_ADDRESS) are detected and joined with jax.distributed.initialize(); --out must then be on a
-filesystem every host sees.
+filesystem every host sees. Settings go through --config (configs/eval.py; --config.FIELD=VALUE: num_images,
+num_per_class, seed, cfg, top_k, top_p, num_real, grid_images, shard_size, tasks, box, edit_class); paths and
+execution choices are flags.
 """
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
+from ml_collections import config_flags
+
+from varq_jax import cli
 
 FLAGS = flags.FLAGS
+SETTINGS = os.path.join(cli.CONFIG_DIR, "eval.py")
+RENAMED = ("num_images", "num_per_class", "seed", "cfg", "top_k", "top_p", "num_real", "grid_images", "shard_size",
+           "tasks", "box", "edit_class")
+if __name__ == "__main__":          # before the config flag reads its --config.* overrides
+    cli.refuse_renamed(sys.argv, RENAMED)
+    sys.argv = cli.rewrite_config_argv(sys.argv, default=SETTINGS)
+config_flags.DEFINE_config_file("config", SETTINGS, "evaluation settings (configs/eval.py)", lock_config=True)
 flags.DEFINE_string("checkpoint", None, "checkpoint directory (default: the embedded default model)")
 flags.DEFINE_list("checkpoints", None, "sweep: comma-separated checkpoint directories ('default' = embedded model)")
 flags.DEFINE_bool("fid_to_first", False, "sweep: score every checkpoint against the first one's samples "
                                          "(put the FP model first for FID to FP)")
 flags.DEFINE_string("out", "eval", "output directory (samples, shards, results.json; sweep.md for sweeps)")
-flags.DEFINE_integer("num_images", 0, "number of images (0: --num_per_class per class over all classes)")
-flags.DEFINE_integer("num_per_class", 50, "images per class when --num_images is 0")
-flags.DEFINE_integer("seed", 0, "image i uses the key fold_in(PRNGKey(seed), i)")
-flags.DEFINE_float("cfg", 1.5, "classifier-free guidance scale")
-flags.DEFINE_integer("top_k", 900, "top-k (0 = off; clipped to the vocabulary size)")
-flags.DEFINE_float("top_p", 0.96, "top-p in (0, 1]")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "compute dtype of the transformer")
 flags.DEFINE_integer("per_device_batch", 16, "images per device per step (a multiple of --shard_size)")
-flags.DEFINE_integer("shard_size", 0, "images per shard file, fixed for a run (0: --per_device_batch)")
 flags.DEFINE_integer("feature_batch", 32, "images per device per step of feature extraction")
 flags.DEFINE_integer("model_parallel", 1, "devices of the 'model' mesh axis (VAR kernels split over them)")
-flags.DEFINE_integer("grid_images", 64, "images in grid.png")
 flags.DEFINE_bool("scan_blocks", True, "scan the VAR blocks (fast compile) or unroll them (faster generation on GPU, "
                   "about twice the compile time)")
 flags.DEFINE_string("inception", None, "converted FID Inception checkpoint (python -m varq_jax.eval.convert_inception)")
 flags.DEFINE_string("ref_batch", None, "ADM reference batch npz (statistics used when present); needs --inception")
 flags.DEFINE_string("ref_samples", None, "another sample set (ADM npz, e.g. the FP model's samples.npz)")
 flags.DEFINE_string("classifier", None, "exported shapes classifier (default: the embedded one, if shipped)")
-flags.DEFINE_integer("num_real", 0, "real shapes images for the classifier Fréchet distance (0: as many as samples)")
 flags.DEFINE_string("zero_shot", None, "npz of uint8 input images (arr_0; optional boxes, labels, target_labels)")
-flags.DEFINE_list("tasks", ["inpaint", "outpaint", "edit"], "zero-shot tasks")
-flags.DEFINE_list("box", ["0.25", "0.25", "0.75", "0.75"],
-                  "zero-shot box y0,x0,y1,x1 (fractions) unless the npz has boxes")
-flags.DEFINE_integer("edit_class", 0, "target class of --tasks=edit unless the npz has target_labels")
 flags.DEFINE_list("xla_options", [], "XLA compiler options for generation, name=value (e.g. "
                   "xla_backend_optimization_level=0: CPU smoke runs compile ~2x faster)")
 flags.DEFINE_enum("multihost", "auto", ["auto", "on", "off"], "jax.distributed.initialize(): auto-detect, force, never")
@@ -58,7 +57,7 @@ def _xla_options() -> tuple:
     for item in FLAGS.xla_options:
         name, sep, value = item.partition("=")
         if not sep or not name:
-            raise app.UsageError(f"--xla_options entries must be name=value, got {item!r}")
+            raise ValueError(f"--xla_options entries must be name=value, got {item!r}")
         low = value.lower()
         if low in ("true", "false"):
             out.append((name, low == "true"))
@@ -69,31 +68,27 @@ def _xla_options() -> tuple:
 
 def eval_config():
     from varq_jax.eval.evaluate import EvalConfig
+    c = FLAGS.config
     try:
-        box = tuple(float(v) for v in FLAGS.box)
-    except ValueError as e:
-        raise app.UsageError(f"--box must be four numbers y0,x0,y1,x1: {e}")
+        box = tuple(float(v) for v in c.box)
+    except (TypeError, ValueError):
+        box = ()
     if len(box) != 4:
-        raise app.UsageError(f"--box must be four numbers y0,x0,y1,x1, got {FLAGS.box}")
-    return EvalConfig(num_images=FLAGS.num_images, num_per_class=FLAGS.num_per_class, seed=FLAGS.seed, cfg=FLAGS.cfg,
-                      top_k=FLAGS.top_k, top_p=FLAGS.top_p, dtype=FLAGS.dtype, per_device_batch=FLAGS.per_device_batch,
-                      shard_size=FLAGS.shard_size, feature_batch=FLAGS.feature_batch,
-                      model_parallel=FLAGS.model_parallel, grid_images=FLAGS.grid_images, inception=FLAGS.inception,
+        raise ValueError(f"config.box must be four numbers y0,x0,y1,x1, got {c.box!r}")
+    return EvalConfig(num_images=c.num_images, num_per_class=c.num_per_class, seed=c.seed, cfg=c.cfg,
+                      top_k=c.top_k, top_p=c.top_p, dtype=FLAGS.dtype, per_device_batch=FLAGS.per_device_batch,
+                      shard_size=c.shard_size, feature_batch=FLAGS.feature_batch,
+                      model_parallel=FLAGS.model_parallel, grid_images=c.grid_images, inception=FLAGS.inception,
                       ref_batch=FLAGS.ref_batch, ref_samples=FLAGS.ref_samples, classifier=FLAGS.classifier,
-                      num_real=FLAGS.num_real, zero_shot=FLAGS.zero_shot, tasks=tuple(FLAGS.tasks), box=box,
-                      edit_class=FLAGS.edit_class, compiler_options=_xla_options(),
-                      scan_blocks=FLAGS.scan_blocks)
+                      num_real=c.num_real, zero_shot=FLAGS.zero_shot, tasks=tuple(c.tasks), box=box,
+                      edit_class=c.edit_class, compiler_options=_xla_options(), scan_blocks=FLAGS.scan_blocks)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv
     from varq_jax import parallel       # before anything touches a device: multi-host start-up comes first
     parallel.initialize_distributed(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    try:
-        run()
-    except ValueError as e:             # bad input (checked before any work) or an unusable output directory
-        sys.exit(f"error: {e}")
+    run()
 
 
 def run():
@@ -101,7 +96,7 @@ def run():
     from varq_jax.eval import evaluate as ev
     from varq_jax.eval import sweep as sweep_lib
     if FLAGS.checkpoint and FLAGS.checkpoints:
-        raise app.UsageError("give --checkpoint or --checkpoints, not both")
+        raise ValueError("give --checkpoint or --checkpoints, not both")
     config = eval_config()
     say = print if parallel.is_main_process() else (lambda *a: None)
     if FLAGS.checkpoints:
@@ -111,7 +106,7 @@ def run():
         say(f"wrote {os.path.join(FLAGS.out, 'sweep.md')} and sweep.json")
         return
     if FLAGS.fid_to_first:
-        raise app.UsageError("--fid_to_first needs --checkpoints")
+        raise ValueError("--fid_to_first needs --checkpoints")
     results = ev.evaluate(FLAGS.checkpoint, FLAGS.out, config, log=say)
     for line in ev.metric_lines(results):
         say(line)
@@ -120,6 +115,5 @@ def run():
 
 
 if __name__ == "__main__":
-    from varq_jax import cli
     cli.configure_xla()
-    app.run(main)
+    cli.run(main)

@@ -17,7 +17,7 @@ num_samples}, recon.{iters,batch_size,lr,weight,p,b_start,b_end,warmup,inputs,un
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from varq_jax import cli
@@ -39,7 +39,7 @@ def main(argv):
     del argv
     cli.quiet_logs()
     if FLAGS.config is None:
-        raise app.UsageError(f"--config is required; presets: {', '.join(cli.presets())}")
+        raise ValueError(f"--config is required; presets: {', '.join(cli.presets())}")
     preset = os.path.basename(FLAGS["config"].config_filename.split(":")[0])[:-len(".py")]
     run_name = preset + (f"_{FLAGS.config.method}" if FLAGS.config.quantize else "")
     from varq_jax.progress import Progress

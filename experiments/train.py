@@ -7,7 +7,7 @@ Every stage resumes from its last checkpoint in WORKDIR/<stage>/ckpt and ends by
 """
 import logging as std_logging
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from varq_jax import cli, train
@@ -23,8 +23,7 @@ def _quiet_orbax(record: std_logging.LogRecord) -> bool:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv
     logging.get_absl_logger().addFilter(_quiet_orbax)
     stages = list(train.STAGES) if _STAGE.value == "all" else [_STAGE.value]
     for name in stages:

@@ -30,7 +30,7 @@ from varq_jax.train import export
 from configs import ptq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {"calib.num_samples": "4", "calib.batch_size": "4", "recon.iters": "5", "samples.num": "2",
+OVERRIDES = {"calib.num_samples": "4", "calib.batch_size": "4", "recon.iters": "5", "samples.num": "0",
              "dtype": "float32", "theta.n_grids": "1000"}
 EVAL = EvalConfig(num_images=20, per_device_batch=2, shard_size=2, feature_batch=2, dtype="float32", top_k=16,
                   compiler_options=tuple(FAST.items()))

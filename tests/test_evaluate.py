@@ -249,18 +249,27 @@ def _save_checkpoints(model, tmp_path):
 
 
 def _run_cli(argv):
+    """experiments.evaluate in this process, with the CLIs' convention (a user error: SystemExit 'error: …')."""
     from absl import flags
     from experiments import evaluate as cli
+    from varq_jax.cli import USER_ERRORS
     flags.FLAGS.unparse_flags()
-    flags.FLAGS(["evaluate", *argv])
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:   # overrides registered by an earlier call
+        delattr(flags.FLAGS, name)
+    argv = ["evaluate", f"--config={cli.SETTINGS}", *argv]
+    saved, sys.argv = sys.argv, argv            # config_flags reads its --config.* overrides from sys.argv
     try:
-        cli.main(["evaluate"])
+        flags.FLAGS(argv)
+        cli.main(argv[:1])
+    except USER_ERRORS as e:
+        raise SystemExit(f"error: {e}") from None
     finally:
+        sys.argv = saved
         flags.FLAGS.unparse_flags()
 
 
-CLI_SMALL = [f"--num_images={N}", "--per_device_batch=2", "--shard_size=2", "--feature_batch=2", "--dtype=float32",
-             "--top_k=16", "--xla_options=xla_backend_optimization_level=0"]
+CLI_SMALL = [f"--config.num_images={N}", "--per_device_batch=2", "--config.shard_size=2", "--feature_batch=2",
+             "--dtype=float32", "--config.top_k=16", "--xla_options=xla_backend_optimization_level=0"]
 
 
 def test_cli_single_checkpoint_and_sweep(model, classifier_dir, tmp_path, capsys):
@@ -300,7 +309,7 @@ def test_cli_bad_input_is_a_clean_error(tmp_path):
 
 def test_cli_on_the_default_model_end_to_end(tmp_path):
     """The shipped default model through the CLI: samples, and the in-project metrics with the embedded classifier."""
-    cmd = [sys.executable, "-m", "experiments.evaluate", f"--out={tmp_path / 'default'}", "--num_images=10",
+    cmd = [sys.executable, "-m", "experiments.evaluate", f"--out={tmp_path / 'default'}", "--config.num_images=10",
            "--per_device_batch=2", "--xla_options=xla_backend_optimization_level=0"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})

@@ -106,13 +106,17 @@ def test_bad_config_stops_before_writing(tmp_path, override, checkpoint_path, me
 
 @pytest.mark.parametrize("module, args, message", [
     ("quantize", ["--config=w4a6", "stray"], "error: unexpected arguments 'stray'"),
-    ("sample", ["--num=0"], "--num must be a positive number of images"),
-    ("sample", ["--box=0.1,0.2,0.3"], "--box must be four fractions"),
+    ("sample", ["--config.num=0"], "error: config.num must be a positive number of images"),
+    ("sample", ["--config.box=0.1,0.2,0.3"], "error: config.box must be four fractions"),
+    ("sample", ["--num=3"], "error: --num is now --config.num"),
+    ("sample", ["--config.nosuch=3"], "error: unknown config field(s) nosuch"),
+    ("evaluate", ["--seed=1"], "error: --seed is now --config.seed"),
+    ("evaluate", ["--checkpoint=/nonexistent/ck", "--checkpoints=a,b"], "error: give --checkpoint or --checkpoints"),
     ("sample", ["--checkpoint=/nonexistent/ck"], "error: checkpoint directory '/nonexistent/ck' does not exist"),
 ])
 def test_cli_user_errors_are_one_line(tmp_path, module, args, message):
     r = subprocess.run([sys.executable, "-m", f"experiments.{module}", f"--out={tmp_path / 'o'}"
-                        if module == "sample" else f"--workdir={tmp_path / 'o'}", *args], cwd=ROOT,
+                        if module in ("sample", "evaluate") else f"--workdir={tmp_path / 'o'}", *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "o").exists()

@@ -20,7 +20,7 @@ from varq_jax.models.var import VAR
 from varq_jax.models.vqvae import VQVAE
 from varq_jax.quant import capture as cap
 from varq_jax.quant import reconstruction as rec
-from varq_jax.quant import state
+from varq_jax.quant import state, units
 from varq_jax.quant.policy import QuantPolicy
 
 VAE_CFG, VAR_CFG = zoo.tiny((1, 2, 3, 4), depth=2)
@@ -56,11 +56,11 @@ def quant(params):
 
 
 def test_targets_follow_the_official_order():
-    names = [t.name for t in cap.recon_targets(VAR_CFG)]
+    names = [t.name for t in units.recon_targets(VAR_CFG)]
     assert names == ["blocks_0/ada_lin", "blocks_0/attn", "blocks_0/ffn", "blocks_1/ada_lin", "blocks_1/attn",
                      "blocks_1/ffn", "head_nm", "head", "word_embed"]
     _, shared = zoo.tiny((1, 2, 3, 5), shared_aln=True)
-    names = [t.name for t in cap.recon_targets(shared)]
+    names = [t.name for t in units.recon_targets(shared)]
     assert names[0] == "shared_ada_lin" and not any(n.endswith("ada_lin") for n in names[1:])
 
 
@@ -104,13 +104,13 @@ def test_capture_equals_kv_cached_sampling(params, calib):
     for a, b in zip(out_tokens, tokens):
         np.testing.assert_array_equal(np.asarray(a), b)
 
-    attn = cap.capture(VAE_CFG, VAR_CFG, params, labels, tokens, cap.target_by_name(VAR_CFG, "blocks_1/attn"),
+    attn = cap.capture(VAE_CFG, VAR_CFG, params, labels, tokens, units.target_by_name(VAR_CFG, "blocks_1/attn"),
                        batch_size=3)
     assert attn.inputs.shape == (N, 2, VAR_CFG.L, VAR_CFG.width)
     kv_attn = np.asarray(kv_attn).reshape(2, N, VAR_CFG.L, -1).swapaxes(0, 1)       # [label; null] rows
     np.testing.assert_allclose(np.asarray(attn.inputs), kv_attn, rtol=1e-5, atol=2e-5)
 
-    emb = cap.capture(VAE_CFG, VAR_CFG, params, labels, tokens, cap.target_by_name(VAR_CFG, "word_embed"))
+    emb = cap.capture(VAE_CFG, VAR_CFG, params, labels, tokens, units.target_by_name(VAR_CFG, "word_embed"))
     assert emb.inputs.shape == (N, 1, VAR_CFG.L - 1, VAR_CFG.cvae)       # the sampler embeds before CFG doubling
     np.testing.assert_allclose(np.asarray(emb.inputs[:, 0]), np.asarray(kv_embed), rtol=1e-5, atol=1e-6)
 
@@ -118,9 +118,9 @@ def test_capture_equals_kv_cached_sampling(params, calib):
 def test_standalone_units_reproduce_captured_outputs(params, calib):
     labels, tokens = calib
     for name in ("blocks_1/ffn", "head"):
-        target = cap.target_by_name(VAR_CFG, name)
+        target = units.target_by_name(VAR_CFG, name)
         data = cap.capture(VAE_CFG, VAR_CFG, params, labels, tokens, target)
-        assert rec.module_error(VAR_CFG, target, cap.subtree(params["var"], target.path), {}, data, None,
+        assert rec.module_error(VAR_CFG, target, units.subtree(params["var"], target.path), {}, data, None,
                                 "nearest") < 1e-9, name
 
 
@@ -128,12 +128,12 @@ def test_error_of_nearest_and_hard_equals_the_policy_roundings(params, calib, qu
     """module_error evaluates every rounding through one soft-mode compile with saturated α; it must equal the
     policy's own nearest and hard rounding."""
     labels, tokens = calib
-    target = cap.target_by_name(VAR_CFG, "head")
+    target = units.target_by_name(VAR_CFG, "head")
     data = cap.capture(VAE_CFG, VAR_CFG, params, labels, tokens, target)
     mp, mq = params["var"]["head"], quant["head"]
     alpha = jax.random.normal(jax.random.PRNGKey(5), mp["kernel"].shape)
     x = data.inputs.reshape(-1, *data.inputs.shape[2:])
-    weights = rec.token_weights(cap.segments(VAR_CFG, target), x.shape[1])
+    weights = rec.token_weights(units.segments(VAR_CFG, target), x.shape[1])
     for rounding, q in (("nearest", mq), ("hard", {**mq, "alpha": alpha})):
         module = target.spec.build(VAR_CFG, jnp.float32, dataclasses.replace(POLICY, phase=rounding))
         pred = target.spec.apply(module, mp, q, x)
@@ -144,10 +144,10 @@ def test_error_of_nearest_and_hard_equals_the_policy_roundings(params, calib, qu
 
 def test_quantized_inputs_change_inputs_not_outputs(params, calib, quant):
     labels, tokens = calib
-    target = cap.target_by_name(VAR_CFG, "blocks_1/ffn")
+    target = units.target_by_name(VAR_CFG, "blocks_1/ffn")
     fp = cap.capture(VAE_CFG, VAR_CFG, params, labels, tokens, target)
     q = cap.capture(VAE_CFG, VAR_CFG, params, labels, tokens, target,
-                    input_policy=cap.partial_model_policy(POLICY), quant=quant)
+                    input_policy=units.partial_model_policy(POLICY), quant=quant)
     np.testing.assert_array_equal(np.asarray(q.outputs), np.asarray(fp.outputs))
     assert float(jnp.abs(q.inputs - fp.inputs).max()) > 1e-3
 
@@ -201,9 +201,9 @@ def test_block_reconstruction_beats_nearest_rounding(params, calib, quant):
     """W4/A6 attention block: learned rounding (then hard) reconstructs its output much better than nearest.
     A short run needs a larger lr and λ than the 5000-iteration defaults to settle every h(α) at 0 or 1."""
     labels, tokens = calib
-    target = cap.target_by_name(VAR_CFG, "blocks_0/attn")
+    target = units.target_by_name(VAR_CFG, "blocks_0/attn")
     data = cap.capture(VAE_CFG, VAR_CFG, params, labels, tokens, target, batch_size=3)
-    mp, mq = cap.subtree(params["var"], target.path), cap.subtree(quant, target.path)
+    mp, mq = units.subtree(params["var"], target.path), units.subtree(quant, target.path)
     rc = rec.ReconConfig(iters=1200, lr=0.1, weight=0.1, log_every=200)
     learned, record = rec.reconstruct_module(VAR_CFG, target, mp, mq, data, POLICY, rc, jax.random.PRNGKey(7))
     assert set(traverse_util.flatten_dict(learned)) - set(traverse_util.flatten_dict(mq)) == \
@@ -232,14 +232,14 @@ def test_batches_are_rows_or_whole_samples():
 
 
 def test_the_loop_is_one_scan():
-    target = cap.target_by_name(VAR_CFG, "head_nm")
+    target = units.target_by_name(VAR_CFG, "head_nm")
     rc = rec.ReconConfig(iters=7)
     p = {"kernel": jnp.ones((VAR_CFG.width, 2 * VAR_CFG.width)) * 0.01, "bias": jnp.zeros(2 * VAR_CFG.width)}
     q = state.init_quant_state({"x": p}, POLICY)["x"]
     a0 = rec.init_module_alpha(p, q, [()])
     x = jnp.ones((3, 2, 1, VAR_CFG.width))
     y = jnp.ones((3, 2, 1, 2 * VAR_CFG.width))
-    soft = cap.standalone_policy(POLICY, target, p, phase="soft")
+    soft = units.standalone_policy(POLICY, target, p, phase="soft")
     fn = functools.partial(rec.optimize_alpha.__wrapped__, target.spec, VAR_CFG, soft, rc, ((0, 1),))
     jaxpr = jax.make_jaxpr(fn)(p, q, a0, x, y, jax.random.PRNGKey(0)).jaxpr
     scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
@@ -331,7 +331,7 @@ def test_block_stream_equals_whole_model_capture(params, calib, shared_aln):
                                                   jnp.zeros((1, var_cfg.L - 1, var_cfg.cvae))))(jax.random.PRNGKey(5))
         p = {"vae": params["vae"], "var": var["params"]}
     stream = cap.BlockStream(vae_cfg, var_cfg, p, labels, tokens, batch_size=3)
-    units = [t for t in cap.recon_targets(var_cfg) if t.in_block]
+    units = [t for t in units.recon_targets(var_cfg) if t.in_block]
     assert [t.name for t in units][:2] == (["blocks_0/attn", "blocks_0/ffn"] if shared_aln
                                           else ["blocks_0/ada_lin", "blocks_0/attn"])
     for t in units:
@@ -343,7 +343,7 @@ def test_block_stream_equals_whole_model_capture(params, calib, shared_aln):
     with pytest.raises(ValueError, match="only moves forward"):
         stream.get(units[0])
     with pytest.raises(ValueError, match="not a block unit"):
-        stream.get(cap.target_by_name(var_cfg, "head"))
+        stream.get(units.target_by_name(var_cfg, "head"))
 
 
 def test_fp_input_reconstruction_captures_the_model_only_for_non_block_units(params, calib, quant, monkeypatch):
@@ -360,7 +360,7 @@ def test_fp_input_reconstruction_captures_the_model_only_for_non_block_units(par
 def test_chunked_loop_reports_per_chunk_and_learns_the_same(params, calib, quant):
     """The α loop in chunks (progress between compiled scans) runs the same iterations as one scan."""
     labels, tokens = calib
-    target = cap.target_by_name(VAR_CFG, "blocks_0/ffn")
+    target = units.target_by_name(VAR_CFG, "blocks_0/ffn")
     data = cap.capture(VAE_CFG, VAR_CFG, params, labels, tokens, target)
     mp, mq = params["var"]["blocks_0"]["ffn"], quant["blocks_0"]["ffn"]
     reports = []

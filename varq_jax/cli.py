@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 import configs as _configs_pkg
 
 CONFIG_DIR = os.path.abspath(list(_configs_pkg.__path__)[0])
-_HELPERS = ("ptq",)
+_HELPERS = ("ptq", "eval", "sample")         # settings files, not PTQ presets
 
 # Whole-loop CUDA graphs: XLA runs the scans (blocks of a scale, reconstruction iterations) as one graph with
 # conditional nodes instead of syncing with the host every iteration (H100, batch 64: −18 ms for d16, −27 ms for
@@ -63,18 +63,27 @@ def _fields(cfg, prefix="") -> list:
     return out
 
 
-def rewrite_config_argv(argv: list, flag: str = "config", prefix: str = "") -> list:
+def rewrite_config_argv(argv: list, flag: str = "config", prefix: str = "", default: str = None) -> list:
     """Maps bare preset names in --config=NAME / --config NAME to their files and checks every
     --config.field=value override against the preset's fields, before absl parses argv; a bad name or field
     exits with one line `error: …`."""
     try:
-        return _rewrite_config_argv(argv, flag, prefix)
+        return _rewrite_config_argv(argv, flag, prefix, default)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
 
-def _rewrite_config_argv(argv: list, flag: str, prefix: str) -> list:
-    out, spec, i = [], None, 0
+def refuse_renamed(argv: list, names, flag: str = "config") -> None:
+    """Old flat spellings of settings that moved into the config: one line naming the new spelling."""
+    for a in argv[1:]:
+        name = a[2:].split("=", 1)[0] if a.startswith("--") else ""
+        for n in names:
+            if name in (n, "no" + n):
+                raise SystemExit(f"error: --{n} is now --{flag}.{n} (settings go through --{flag}; see --help)")
+
+
+def _rewrite_config_argv(argv: list, flag: str, prefix: str, default: str = None) -> list:
+    out, spec, i = [], default, 0
     while i < len(argv):
         a = argv[i]
         if a.startswith(f"--{flag}="):
