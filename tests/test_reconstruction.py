@@ -331,17 +331,17 @@ def test_block_stream_equals_whole_model_capture(params, calib, shared_aln):
                                                   jnp.zeros((1, var_cfg.L - 1, var_cfg.cvae))))(jax.random.PRNGKey(5))
         p = {"vae": params["vae"], "var": var["params"]}
     stream = cap.BlockStream(vae_cfg, var_cfg, p, labels, tokens, batch_size=3)
-    units = [t for t in units.recon_targets(var_cfg) if t.in_block]
-    assert [t.name for t in units][:2] == (["blocks_0/attn", "blocks_0/ffn"] if shared_aln
-                                          else ["blocks_0/ada_lin", "blocks_0/attn"])
-    for t in units:
+    block_units = [t for t in units.recon_targets(var_cfg) if t.in_block]
+    assert [t.name for t in block_units][:2] == (["blocks_0/attn", "blocks_0/ffn"] if shared_aln
+                                                else ["blocks_0/ada_lin", "blocks_0/attn"])
+    for t in block_units:
         a, b = stream.get(t), cap.capture(vae_cfg, var_cfg, p, labels, tokens, t, batch_size=3)
         assert a.inputs.shape == b.inputs.shape and a.outputs.shape == b.outputs.shape, t.name
         np.testing.assert_allclose(np.asarray(a.inputs), np.asarray(b.inputs), rtol=1e-6, atol=1e-6, err_msg=t.name)
         np.testing.assert_allclose(np.asarray(a.outputs), np.asarray(b.outputs), rtol=1e-6, atol=1e-6,
                                    err_msg=t.name)
     with pytest.raises(ValueError, match="only moves forward"):
-        stream.get(units[0])
+        stream.get(block_units[0])
     with pytest.raises(ValueError, match="not a block unit"):
         stream.get(units.target_by_name(var_cfg, "head"))
 
