@@ -285,7 +285,7 @@ def test_interrupted_run_resumes_to_the_same_state(params, calib, quant, tmp_pat
     strip = lambda r: {k: v for k, v in r.items() if not k.endswith("seconds")}     # wall times differ
     assert [strip(r) for r in full.records] == [strip(r) for r in resumed.records]
 
-    with pytest.raises(ValueError, match="different key"):
+    with pytest.raises(ValueError, match=r"other settings \(key: \[0, 3\] there, \[0, 4\] now\)"):
         rec.reconstruct_model(VAE_CFG, VAR_CFG, params, quant, labels, tokens, POLICY, rc, key=jax.random.PRNGKey(4),
                               units=units, workdir=str(tmp_path))
 
