@@ -56,8 +56,6 @@ def _has_arrays(value) -> bool:
 
 
 def _plain(value):
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
     if _has_arrays(value):
         return tree_digest(value)
     return json.loads(json.dumps(value, default=str))

@@ -13,8 +13,6 @@ from varq_jax import default_model, parallel
 from varq_jax.eval import metrics
 
 DEFAULT_CLASSIFIER = "default/classifier"       # under varq_jax/assets, beside the default model
-
-
 MIN_CLASSIFIER_TEST_ACCURACY = 0.5               # below this an exported classifier is treated as untrained
 
 

@@ -16,25 +16,6 @@ from varq_jax.eval.evaluate import (
     evaluate,
     load_resources,
 )
-from varq_jax.eval.features import (  # noqa: F401
-    FeatureNet,
-    _classifier_apply,
-    _inception_apply,
-    default_classifier_path,
-    extract_features,
-    load_classifier,
-    load_inception,
-)
-from varq_jax.eval.zero_shot import (  # noqa: F401
-    _encode_fn,
-    _ssim_map,
-    _ssim_window,
-    _valid_filter_matrix,
-    evaluate_zero_shot,
-    load_zero_shot_inputs,
-    masked_psnr,
-    masked_ssim,
-)
 from varq_jax.files import atomic_write
 
 

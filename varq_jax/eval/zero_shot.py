@@ -21,19 +21,11 @@ from varq_jax import editing, fingerprint, parallel, sampling
 from varq_jax.checkpoint import ModelCheckpoint
 from varq_jax.eval import generate as gen_lib
 from varq_jax.eval import metrics
+from varq_jax.eval.features import extract_features
 from varq_jax.models.vqvae import VQVAE, VQVAEConfig
 
 if TYPE_CHECKING:
     from varq_jax.eval.evaluate import EvalConfig, Resources
-from varq_jax.eval.features import (  # noqa: F401
-    FeatureNet,
-    _classifier_apply,
-    _inception_apply,
-    default_classifier_path,
-    extract_features,
-    load_classifier,
-    load_inception,
-)
 
 PSNR_CAP_DB = 100.0                              # PSNR of identical regions (MSE 0) is reported as this
 

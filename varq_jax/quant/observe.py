@@ -11,20 +11,6 @@ from varq_jax.models.var import VAR, VARConfig
 from varq_jax.models.vqvae import VQVAEConfig
 from varq_jax.quant.capture import _chunks, _doubled_inputs, check_calibration
 from varq_jax.quant.policy import QuantPolicy
-from varq_jax.quant.units import (  # noqa: F401
-    ModuleSpec,
-    ReconTarget,
-    linear_paths,
-    partial_model_policy,
-    recon_targets,
-    replace_subtree,
-    segments,
-    standalone_policy,
-    subtree,
-    target_by_name,
-    trainable_linears,
-    unit_sites,
-)
 
 
 @functools.partial(jax.jit, static_argnames=("vae_cfg", "var_cfg", "policy"))

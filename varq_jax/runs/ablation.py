@@ -1,6 +1,6 @@
 """The ablation table: PTQ presets × methods on one FP checkpoint, evaluated alike, in one markdown table.
 
-`run_ablation` quantizes the model once per (preset, method) with `workflow.quantize_command` (each run in its own
+`run_ablation` quantizes the model once per (preset, method) with `runs.quantize.quantize_command` (each run in its own
 directory under `workdir`, skipped when its outputs exist, resumed when they are partial), evaluates the FP model
 and every quantized checkpoint with `evaluate.evaluate` on the same labels and keys (the FP samples are the
 reference of the "FD to FP" column), adds the two diagnostics of `diagnostics`, and writes `out` (markdown) and
@@ -27,7 +27,7 @@ from varq_jax.eval import evaluate as ev
 from varq_jax.eval import metrics
 from varq_jax.quant import calibration, diagnostics, pipeline, state, theta as theta_lib
 from varq_jax.checkpoint import read_state
-from varq_jax.runs import ptq as ptq_run, quantize as workflow
+from varq_jax.runs import ptq as ptq_run, quantize as quantize_run
 from varq_jax.runs.results_table import findings, write
 
 SAS_METHODS = ("full", "brecq_sas")                 # runs whose θ the A·V diagnostic uses, in this order
@@ -82,7 +82,7 @@ def _ptq(run: Run, checkpoint: Optional[str], run_dir: str, log: Callable) -> di
     os.makedirs(run_dir, exist_ok=True)
     # before any work: a resumed run must match it
     atomic_write(os.path.join(run_dir, PTQ_CONFIG), json.dumps(_json_config(run.config), indent=1))
-    workflow.quantize_command(run.config, checkpoint, ptq_dir, log=log)
+    quantize_run.quantize_command(run.config, checkpoint, ptq_dir, log=log)
     return json.load(open(report_path))        # what was written (JSON types), as a skipped run would read it
 
 

@@ -55,13 +55,15 @@ def run(ck: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings, workdir
         raise ValueError("the model is already quantized; PTQ starts from a full-precision one")
     pipeline.validate(policy, settings, ck.var_cfg)
     model_id = fingerprint.model_digest(ck)
-    shared = None
+    shared = source = None
     if calibration is not None:
-        shared = load_calibration(calibration, model_id)
+        source = calibration_path(calibration)
+        shared = load_calibration(source, model_id)
         calib = _calib_settings(shared[1])
         if calib != settings.calib:
-            log(f"  calibration set from {calibration_path(calibration)}: its settings replace the config's "
-                f"({fingerprint.describe(fingerprint.fingerprint(calib=settings.calib), fingerprint.fingerprint(calib=calib))})")
+            changed = fingerprint.describe(fingerprint.fingerprint(calib=settings.calib),
+                                           fingerprint.fingerprint(calib=calib))
+            log(f"  calibration set from {source}: its settings replace the config's ({changed})")
         settings = dataclasses.replace(settings, calib=calib)      # its dtype as resolved when it was made
         pipeline.validate(policy, settings, ck.var_cfg)
     plan = pipeline.stage_fingerprints(ck.var_cfg, model_id, policy, settings)
@@ -72,10 +74,9 @@ def run(ck: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings, workdir
             raise ValueError(f"the calibration set {calibration!r} does not fit this run "
                              f"({fingerprint.describe(shared[1]['fingerprint'], plan[CALIBRATION])})")
         if store.record(CALIBRATION) is None:
-            store.put(CALIBRATION, plan[CALIBRATION], shared[0], {"source": calibration_path(calibration)})
+            store.put(CALIBRATION, plan[CALIBRATION], shared[0], {"source": source})
     if report_config is not None and shared is not None:
-        report_config = {**report_config, "calib": dataclasses.asdict(settings.calib),
-                         "calibration_from": calibration_path(calibration)}
+        report_config = {**report_config, "calib": dataclasses.asdict(settings.calib), "calibration_from": source}
     result = pipeline.ptq(ck, policy, settings, log, reconstruct, report_config=report_config, progress=progress,
                           store=store, plan=plan)
     result.report["fingerprints"] = {stage: fingerprint.record_digest(fp) for stage, fp in plan.items()}
