@@ -39,6 +39,12 @@ flags.DEFINE_integer("eval_steps", 4, "timed generation steps per device count (
 flags.DEFINE_float("eval_theta", 0.0036, "θ of the W4A6 evaluation rows (the 10k-grid search result for random "
                    "d16; throughput barely depends on it)")
 flags.DEFINE_integer("feature_batch", 200, "images per device per Inception step (0: skip the feature rows)")
+flags.DEFINE_string("int_rows", "", "PRESET:CONFIG[:EXECUTION] rows timed side by side: CONFIG fp (bf16), w8a8, w6a6, "
+                    "w4a8, w4a6, w4a4, with 'sas' appended for shift-and-sum (θ = --eval_theta); EXECUTION int "
+                    "(default) or simulate; e.g. d30:fp,d30:w8a8,d16:fp,d16:w4a6sas,d16:w4a6sas:simulate")
+flags.DEFINE_string("int_kernel", "auto", "integer GEMM of the int rows: auto | xla | pallas")
+flags.DEFINE_bool("breakdown", True, "profile one call of each int row: time per part (Linears, attention, "
+                  "quantization passes, rest)")
 flags.DEFINE_string("save_random", "", "PRESET:DIR writes a random-weight checkpoint of a preset (e.g. to time "
                     "`experiments.quantize` on d16)")
 
@@ -103,6 +109,64 @@ def bench_quant(preset, batches, repeats, rows):
                                scan_blocks=FLAGS.scan_blocks)
     _time_sampler(f"W{policy.w_bits}A{policy.a_bits} SAS sampling {preset} bf16", sampler, params, quant, batches,
                   repeats, rows)
+
+
+def _int_policy(config: str):
+    """w8a8 / w4a6sas … → the policy (None for fp) and θ."""
+    if config == "fp":
+        return None, None
+    sas = config.endswith("sas")
+    w, a = config.removesuffix("sas").removeprefix("w").split("a")
+    return QuantPolicy(w_bits=int(w), a_bits=int(a), shift_and_sum=sas), (FLAGS.eval_theta if sas else 1.0)
+
+
+def bench_int_row(spec: str, batches, repeats, rows):
+    """One row of the integer-execution table: whole-call time (compile apart), model and peak call bytes, the
+    time per part from a profile."""
+    from varq_jax.quant import execution
+    preset, config, mode = (spec.split(":") + ["int"])[:3]
+    vae_cfg, var_cfg, params = _model(preset)
+    policy, theta = _int_policy(config)
+    quant = None
+    if policy is None:
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+        mode = "bf16"
+        sampler = sampling.Sampler(vae_cfg, var_cfg, _settings(var_cfg), dtype=jnp.bfloat16,
+                                   scan_blocks=FLAGS.scan_blocks)
+    else:
+        quant = state.set_theta(jax.jit(state.init_quant_state, static_argnums=1)(params["var"], policy), theta)
+        if mode == "int":
+            policy = execution.IntegerPolicy.of(policy, kernel=FLAGS.int_kernel)
+        sampler = sampling.Sampler(vae_cfg, var_cfg, _settings(var_cfg), dtype=jnp.bfloat16, policy=policy,
+                                   scan_blocks=FLAGS.scan_blocks, execution="int" if mode == "int" else "simulate")
+        params, quant = sampler.prepare(params, quant)
+        jax.block_until_ready(quant)
+    model_bytes = int(sum(a.nbytes for a in jax.tree.leaves((params["var"], quant))))
+    coded = None
+    if mode == "int":
+        coded = execution.model_bytes(params["var"], quant)["coded_linears"]
+    blocks = "scanned" if FLAGS.scan_blocks else "unrolled"
+    for b in batches:
+        labels = jnp.arange(b, dtype=jnp.int32) % var_cfg.num_classes
+        args = (params, quant, labels, jax.random.split(jax.random.PRNGKey(1), b), None, None)
+        compiled, ct = benchmarking.compile_timed(sampler._generate, *args)
+        t = benchmarking.median_time(compiled, *args, repeats=repeats)
+        mem = compiled.memory_analysis()
+        peak = None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                             + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        row = {"what": f"{preset} {config} {mode} {blocks}", "preset": preset, "config": config, "execution": mode,
+               "blocks": blocks, "batch": b, "compile_s": ct, "s": t, "img_per_s": b / t,
+               "model_bytes": model_bytes, "coded_linear_bytes": coded, "call_peak_bytes": peak}
+        if FLAGS.breakdown and jax.default_backend() == "gpu":
+            try:
+                row["breakdown_s"] = benchmarking.time_breakdown(compiled, *args)
+            except Exception as e:          # a profile is a diagnostic: its failure must not lose the row
+                row["breakdown_s"] = f"failed: {type(e).__name__}: {e}"
+        rows.append(row)
+        print(f"{row['what']:<36} B={b:<4} compile {ct:6.1f} s  {t * 1e3:8.1f} ms  {b / t:7.1f} img/s  "
+              f"model {model_bytes / 2**20:8.1f} MiB  peak {0 if peak is None else peak / 2**30:6.2f} GiB  "
+              f"{row.get('breakdown_s', '')}", flush=True)
+        _save(rows)
 
 
 def _eval_row(rows, what, n_dev, per_step, seconds, **extra):
@@ -191,6 +255,13 @@ def main(argv):
         bench_fp(p, batches, FLAGS.repeats, rows)
     for p in filter(None, FLAGS.quant_presets.split(",")):
         bench_quant(p, batches, FLAGS.repeats, rows)
+    for spec in filter(None, FLAGS.int_rows.split(",")):
+        try:
+            bench_int_row(spec, batches, FLAGS.repeats, rows)
+        except Exception as e:               # one failing row must not lose the others of the lease
+            rows.append({"what": spec, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+            print(f"{spec}: FAILED {type(e).__name__}: {str(e)[:2000]}", flush=True)
+            _save(rows)
     device_counts = [int(n) for n in FLAGS.eval_devices.split(",")]
     for p in filter(None, FLAGS.eval_presets.split(",")):
         bench_eval(p, device_counts, rows)

@@ -34,6 +34,8 @@ flags.DEFINE_bool("fid_to_first", False, "sweep: score every checkpoint against 
                                          "(put the FP model first for FID to FP)")
 flags.DEFINE_string("out", "eval", "output directory (samples, shards, results.json; sweep.md for sweeps)")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "compute dtype of the transformer")
+flags.DEFINE_enum("execution", "simulate", ["simulate", "int"], "a quantized checkpoint: simulate (fake quant) or "
+                  "int (integer weight codes and GEMMs)")
 flags.DEFINE_integer("per_device_batch", 16, "images per device per step (a multiple of --shard_size)")
 flags.DEFINE_integer("feature_batch", 32, "images per device per step of feature extraction")
 flags.DEFINE_integer("model_parallel", 1, "devices of the 'model' mesh axis (VAR kernels split over them)")
@@ -81,7 +83,8 @@ def eval_config():
                       model_parallel=FLAGS.model_parallel, grid_images=c.grid_images, inception=FLAGS.inception,
                       ref_batch=FLAGS.ref_batch, ref_samples=FLAGS.ref_samples, classifier=FLAGS.classifier,
                       num_real=c.num_real, zero_shot=FLAGS.zero_shot, tasks=tuple(c.tasks), box=box,
-                      edit_class=c.edit_class, compiler_options=_xla_options(), scan_blocks=FLAGS.scan_blocks)
+                      edit_class=c.edit_class, compiler_options=_xla_options(), scan_blocks=FLAGS.scan_blocks,
+                      execution=FLAGS.execution)
 
 
 def main(argv):

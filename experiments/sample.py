@@ -28,6 +28,8 @@ flags.DEFINE_string("checkpoint", None, "checkpoint directory (default: the embe
 flags.DEFINE_string("out", "samples", "output directory")
 flags.DEFINE_string("image", None, "input image for config.task inpaint|outpaint|edit")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "compute dtype")
+flags.DEFINE_enum("execution", "simulate", ["simulate", "int"], "a quantized checkpoint: simulate (fake quant, "
+                  "float weights) or int (integer weight codes in memory, integer GEMMs; README: what runs where)")
 flags.DEFINE_bool("scan_blocks", True, "scan the blocks (fast compile) or unroll them (faster sampling on GPU, "
                   "2-3x the compile time)")
 
@@ -56,7 +58,7 @@ def main(argv):
         given = [int(x) for x in str(c.labels).split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"config.labels must be comma-separated integers, got {c.labels!r}") from None
-    ck = default_model.load_model(FLAGS.checkpoint)
+    ck = default_model.load_model(FLAGS.checkpoint, execution=FLAGS.execution)
     print(default_model.describe(ck))
     vcfg = ck.var_cfg
     settings = sampling.SamplingConfig(c.cfg, min(c.top_k, vcfg.vocab_size), c.top_p, c.more_smooth)
@@ -75,7 +77,7 @@ def main(argv):
     sampling.validate(settings, vcfg, labels)
     dtype = sampling.DTYPES[FLAGS.dtype]
     sampler = sampling.Sampler(ck.vae_cfg, vcfg, settings, dtype=dtype, policy=ck.policy,
-                               scan_blocks=FLAGS.scan_blocks)
+                               scan_blocks=FLAGS.scan_blocks, execution=FLAGS.execution)
     images, tokens = sampler(ck.params, labels, jax.random.PRNGKey(c.seed), quant=ck.quant, **kwargs)
     images = image_io.to_uint8(images)
     os.makedirs(FLAGS.out, exist_ok=True)

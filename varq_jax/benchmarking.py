@@ -28,3 +28,46 @@ def median_time(fn, *args, repeats: int = 5, warmup: int = 1, **kwargs) -> float
 def device_name() -> str:
     d = jax.devices()[0]
     return f"{d.device_kind} ({d.platform}) x{jax.device_count()}"
+
+
+SCOPES = ("linear", "act_quant", "weight_quant", "attention")     # the named scopes of the models (var.py, quant/)
+
+
+def _instruction_scopes(hlo_text: str) -> dict:
+    """{HLO instruction name: first of SCOPES in its op_name metadata, or 'rest'} of an optimised module."""
+    import re
+    out = {}
+    for m in re.finditer(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?op_name="([^"]*)"', hlo_text, re.M):
+        out[m.group(1)] = next((s for s in SCOPES if f"/{s}/" in m.group(2) + "/"), "rest")
+    return out
+
+
+def time_breakdown(compiled, *args) -> dict:
+    """Seconds of device kernels per part ({scope: s, 'rest': s, 'unmapped': s}) of one call of a compiled program,
+    from a profiler trace: each kernel is charged to the named scope of the HLO instruction it runs."""
+    import glob
+    import tempfile
+    scopes = _instruction_scopes(compiled.as_text())
+    jax.block_until_ready(compiled(*args))
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        jax.block_until_ready(compiled(*args))
+        jax.profiler.stop_trace()
+        files = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(files[0])
+    parts, unmapped = {}, {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
+                continue
+            for ev in line.events:
+                stats = dict(ev.stats)
+                op = str(stats.get("hlo_op", ev.name))
+                part = scopes.get(op, "unmapped")
+                parts[part] = parts.get(part, 0.0) + ev.duration_ns * 1e-9
+                if part == "unmapped":
+                    unmapped[op] = unmapped.get(op, 0.0) + ev.duration_ns * 1e-9
+    parts["top_unmapped"] = sorted(unmapped.items(), key=lambda kv: -kv[1])[:5]
+    return parts

@@ -34,6 +34,9 @@ def load_model(path: Optional[str] = None, **kwargs) -> checkpoint.ModelCheckpoi
     if path is not None:
         from varq_jax.quant.export import load_any
         return load_any(path, **kwargs)
+    if kwargs.pop("execution", "simulate") != "simulate":
+        raise ValueError("integer execution needs a quantized checkpoint (--checkpoint); the embedded default "
+                         "model is full precision")
     default = default_path()
     return checkpoint.load(default, **kwargs) if default else random_tiny()
 

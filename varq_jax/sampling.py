@@ -190,6 +190,18 @@ def block_runs(cfg: VARConfig, policy: Any) -> list:
     return runs
 
 
+def execution_policy(policy: Any, execution: str) -> Any:
+    """The policy a sampler runs: the quantization policy itself (simulation), or its integer execution."""
+    from varq_jax.quant import execution as execution_lib
+    if execution not in execution_lib.EXECUTIONS:
+        raise ValueError(f"execution must be one of {execution_lib.EXECUTIONS}, got {execution!r}")
+    if execution == "simulate":
+        return policy
+    if policy is None:
+        raise ValueError("execution 'int' needs a quantized model (this one is full precision)")
+    return policy if isinstance(policy, execution_lib.IntegerPolicy) else execution_lib.IntegerPolicy.of(policy)
+
+
 # Unrolled full-precision blocks on GPU: with Triton GEMM fusions off, XLA gives fc1 cuBLASLt's bias+GELU epilogue
 # (a Triton fusion claims the dot with its GELU, then falls back to cuBLAS without the epilogue, leaving GELU as a
 # separate pass over the [tokens, 4C] activations).
@@ -211,15 +223,26 @@ class Sampler:
     """
 
     def __init__(self, vae_cfg: VQVAEConfig, var_cfg: VARConfig, sampling: SamplingConfig = SamplingConfig(),
-                 dtype: Any = jnp.bfloat16, policy: Any = None, scan_blocks: bool = True):
+                 dtype: Any = jnp.bfloat16, policy: Any = None, scan_blocks: bool = True,
+                 execution: str = "simulate"):
         self.vae_cfg, self.var_cfg, self.sampling = vae_cfg, var_cfg, sampling
+        policy = execution_policy(policy, execution)
         if policy is not None and hasattr(policy, "check"):
             policy.check(var_cfg)                  # a rule that matches no module is an error, before compiling
+        self.policy, self.execution = policy, execution
         self.vae = VQVAE(vae_cfg, dtype)
         self.var = VAR(var_cfg, dtype, policy.for_inference() if policy is not None else None)
         validate(sampling, var_cfg, np.zeros(1, np.int32))
         self._generate = jax.jit(functools.partial(generate, self.vae, self.var, sampling, scan_blocks=scan_blocks),
                                  compiler_options=compiler_options(scan_blocks, policy))
+
+    def prepare(self, params: dict, quant=None):
+        """Integer execution: (params, quant) as the integer model, made once — its coded Linears hold codes, not
+        floats (calls accept either form). The simulation and full precision: unchanged."""
+        if self.execution != "int":
+            return params, quant
+        var_params, quant = jax.jit(self.var.policy.prepare_params)(params["var"], quant)
+        return {**params, "var": var_params}, quant
 
     def per_image_keys(self, key: Array, batch: int) -> Array:
         key = jnp.asarray(key)

@@ -66,6 +66,7 @@ class EvalConfig:
     edit_class: int = 0
     compiler_options: Tuple = ()         # (name, value) XLA options for generation (tests: fast CPU compiles)
     scan_blocks: bool = True             # False: unrolled blocks (faster generation on GPU, twice the compile time)
+    execution: str = "simulate"          # a quantized model: simulate (fake quant) | int (integer codes and GEMMs)
 
     def sampling_config(self, vocab_size: int) -> sampling.SamplingConfig:
         return sampling.SamplingConfig(cfg=self.cfg, top_k=min(self.top_k, vocab_size), top_p=self.top_p)
@@ -229,7 +230,7 @@ def evaluate(checkpoint: Optional[str], out_dir: str, config: EvalConfig, *, mes
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     mesh = mesh or parallel.make_mesh(config.model_parallel)
-    model = model or default_model.load_model(checkpoint)
+    model = model or default_model.load_model(checkpoint, execution=config.execution)
     vcfg = model.var_cfg
     num_images = config.num_images or config.num_per_class * vcfg.num_classes
     labels = gen_lib.class_labels(num_images, vcfg.num_classes)

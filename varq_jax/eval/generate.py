@@ -40,7 +40,8 @@ MANIFEST, SAMPLES, GRID, SHARD_DIR = "run.json", "samples.npz", "grid.png", "sha
 PROGRESS_SECONDS = 10.0       # at most one progress line per this many seconds (plus the first and last step)
 # Fields of run.json that define the sample set; any difference on resume is an error.
 PLAN_FIELDS = ("format", "version", "model_fingerprint", "num_images", "image_size", "labels_sha256",
-               "conditioning_sha256", "seed", "sampling", "dtype", "shard_size")
+               "conditioning_sha256", "seed", "sampling", "dtype", "shard_size", "execution")
+PLAN_DEFAULTS = {"execution": "simulate"}     # fields that sample sets written before them hold implicitly
 
 
 class ShardError(ValueError):
@@ -196,7 +197,7 @@ def make_plan(model: ModelCheckpoint, labels: np.ndarray, seed: int, settings: s
             "num_images": int(len(labels)), "image_size": int(model.vae_cfg.image_size),
             "labels_sha256": fingerprint.array_digest(labels.astype(np.int32)), "conditioning_sha256": cond,
             "seed": int(seed), "sampling": dataclasses.asdict(settings), "dtype": jnp.dtype(dtype).name,
-            "shard_size": int(shard_size)}
+            "shard_size": int(shard_size), "execution": getattr(model.policy, "execution", "simulate")}
 
 
 def _check_or_write_manifest(out_dir: str, plan: dict, info: dict) -> Optional[dict]:
@@ -208,6 +209,7 @@ def _check_or_write_manifest(out_dir: str, plan: dict, info: dict) -> Optional[d
                 old = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is unreadable ({e}); delete {out_dir} or choose another output directory") from e
+        old = {**PLAN_DEFAULTS, **old}
         diff = [k for k in PLAN_FIELDS if old.get(k) != plan.get(k)]
         if diff:
             details = "; ".join(f"{k}: {old.get(k)!r} there, {plan.get(k)!r} now" for k in diff

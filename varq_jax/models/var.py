@@ -139,7 +139,9 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        kernel = None       # a policy that holds this Linear's weights itself (integer codes in 'quant')
+        if self.policy is None or self.is_initializing() or self.has_variable("params", "kernel"):
+            kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32) if self.use_bias else None
         if self.policy is not None:
             return self.policy.dense(self, x, kernel, bias)
@@ -150,7 +152,8 @@ def dense(x: Array, kernel: Array, bias: Optional[Array], dtype, out_dtype=None)
     """x·W + b with inputs in `dtype`, float32 accumulation, the product and bias in `out_dtype` (default
     `dtype`): as torch autocast's Linear, so a 16-bit GEMM writes 16-bit outputs with the bias in its epilogue."""
     out_dtype = out_dtype or dtype
-    y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype), preferred_element_type=out_dtype)
+    with jax.named_scope("linear"):          # scopes name the parts of a profile (benchmarks' time breakdown)
+        y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype), preferred_element_type=out_dtype)
     if bias is not None:
         y = y + bias.astype(out_dtype)
     return y
@@ -184,7 +187,8 @@ class SelfAttention(nn.Module):
             q, k, v = (t.astype(self.dtype) for t in qkv_heads(qkv, q_bias, v_bias, h, head_scale))
 
         if cache is not None:
-            out, cache = cache.attend(q, k, v, start, cfg.attn_scale, self._policy_attend())
+            with jax.named_scope("attention"):
+                out, cache = cache.attend(q, k, v, start, cfg.attn_scale, self._policy_attend())
         elif self.policy is not None and self.policy.blockwise_attention:
             # Per scale block: queries of scale s see exactly the keys of scales ≤ s, as in KV-cached inference.
             out = jnp.concatenate([self._attend(q[:, s:e], k[:, :e], v[:, :e]) for s, e in cfg.begin_ends], 1)

@@ -129,9 +129,15 @@ def _legacy_sites(meta: dict, policy: QuantPolicy) -> dict:
             for s in rules.model_sites(var_cfg) if s.kind == rules.LINEAR}
 
 
-def load_quantized(path: str, *, sharding=None, allow_nonfinite: bool = False) -> ModelCheckpoint:
+def load_quantized(path: str, *, sharding=None, allow_nonfinite: bool = False,
+                   execution: str = "simulate") -> ModelCheckpoint:
     """A quantized checkpoint with its coded kernels dequantized (ŵ) in `params`, the state in `.quant` and the
-    rule table in `.policy` (phase nearest: the codes already hold the learned rounding)."""
+    rule table in `.policy` (phase nearest: the codes already hold the learned rounding). execution='int': the
+    integer model instead (`execution.from_coded`: coded Linears as integer codes in `.quant`, no float kernels;
+    `.policy` its `IntegerPolicy`)."""
+    from varq_jax.quant import execution as execution_lib
+    if execution not in execution_lib.EXECUTIONS:
+        raise ValueError(f"execution must be one of {execution_lib.EXECUTIONS}, got {execution!r}")
     meta = checkpoint.read_metadata(path)
     if not is_quantized(meta):
         raise CheckpointError(f"{path!r} is a full-precision checkpoint, not a quantized one")
@@ -150,11 +156,21 @@ def load_quantized(path: str, *, sharding=None, allow_nonfinite: bool = False) -
     if missing:
         raise CheckpointError(f"{path!r} lacks the integer codes of {', '.join(missing)}")
     dtype = np.dtype("bfloat16") if meta.get("dtype") == "bfloat16" else np.dtype("float32")
-    var_params = import_codes(ck.params["var"], codes, ck.items["quant"], sites)
-    params = {"vae": ck.params["vae"], "var": jax.tree.map(lambda a: np.asarray(a, dtype), var_params)}
+    quant = ck.items["quant"]
+    if execution == "int":
+        policy = execution_lib.IntegerPolicy.of(policy).check(ck.var_cfg)
+        coded = {tuple(k.split("/")): unpack_codes(np.asarray(c), int(sites[k]["bits"]), tuple(sites[k]["shape"]))
+                 for k, c in codes.items()}
+        rest = jax.tree.map(lambda a: np.asarray(a, dtype), ck.params["var"])
+        var_params, quant = execution_lib.from_coded(rest, coded, quant, policy)
+        quant = jax.tree.map(np.asarray, quant)
+    else:
+        var_params = import_codes(ck.params["var"], codes, quant, sites)
+        var_params = jax.tree.map(lambda a: np.asarray(a, dtype), var_params)
+    params = {"vae": ck.params["vae"], "var": var_params}
     if sharding is not None:
         params = jax.device_put(params, sharding)
-    ck.params, ck.policy, ck.quant = params, policy, ck.items["quant"]
+    ck.params, ck.policy, ck.quant = params, policy, quant
     return ck
 
 
@@ -164,4 +180,7 @@ def load_any(path: str, **kwargs) -> ModelCheckpoint:
         raise CheckpointError(f"checkpoint directory {path!r} does not exist")
     if is_quantized(checkpoint.read_metadata(path)):
         return load_quantized(path, **kwargs)
+    if kwargs.pop("execution", "simulate") != "simulate":
+        raise CheckpointError(f"{path!r} is a full-precision checkpoint: integer execution needs a quantized one "
+                              f"(python -m experiments.quantize writes it)")
     return checkpoint.load(path, **kwargs)

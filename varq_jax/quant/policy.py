@@ -115,7 +115,9 @@ class QuantPolicy(MatmulPolicy):
         """Kernels quantized once (each site at its rule); α is then spent and left out of the blocks' state."""
         if not self.weights_prequantized:
             return var_params, quant
-        w_hat = state.materialize_weights(var_params, quant, dataclasses.replace(self, weights_prequantized=False))
+        with jax.named_scope("weight_quant"):
+            w_hat = state.materialize_weights(var_params, quant,
+                                              dataclasses.replace(self, weights_prequantized=False))
         return w_hat, state.without_alpha(quant)
 
     # --- Linear --------------------------------------------------------------------------------------------------
@@ -155,7 +157,8 @@ class QuantPolicy(MatmulPolicy):
             kernel = self.quantized_kernel(module, kernel, rule)
         if rule.acts:
             xf = x.astype(jnp.float32)
-            x = self.quantized_input(module, xf, rule, kernel.shape[0])
+            with jax.named_scope("act_quant"):
+                x = self.quantized_input(module, xf, rule, kernel.shape[0])
             if self.report_errors:
                 module.sow("intermediates", "act_err", jnp.stack([jnp.sum(jnp.square(x - xf)), jnp.sum(jnp.square(xf))]))
         return dense(x, kernel, bias, module.dtype, module.out_dtype)
