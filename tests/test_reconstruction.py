@@ -393,3 +393,13 @@ def test_progress_lines_live_and_piped():
     q.update("b", final=True)
     assert tty.getvalue() == "\ra long line" + "\r" + "b".ljust(11) + "\n"
     assert eta(1, 4, 20.0) == "ETA 1 m 00 s" and eta(3, 4, 6.0) == "ETA 2 s" and eta(4, 4, 1.0) == ""
+
+
+def test_progress_line_gives_the_stage_and_the_run_eta():
+    from varq_jax.quant.recon_stage import progress_line
+    # unit 2 of 4 half done after 50 s: 1.5 of 4 units → 50 / 1.5 · 2.5 ≈ 83 s left; θ afterwards took 40 s
+    line = progress_line("blocks_0/ffn", 250, 500, 0.125, 10.0, 1, 4, 50.0, after_s=40.0)
+    assert "iter 250/500" in line and "unit 2/4" in line and "loss 0.125" in line
+    assert "ETA 1 m 23 s, run ETA 2 m 03 s" in line
+    assert "run ETA" not in progress_line("head", 250, 500, 0.1, 1.0, 0, 1, 5.0)
+    assert "ETA" not in progress_line("head", 500, 500, 0.1, 1.0, 0, 1, 5.0)

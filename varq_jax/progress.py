@@ -32,9 +32,18 @@ class Progress:
         return True
 
 
+def seconds_left(done: int, total: int, elapsed: float) -> Optional[float]:
+    """Seconds left at the rate so far (None before the first step and after the last)."""
+    if done <= 0 or done >= total:
+        return None
+    return elapsed / done * (total - done)
+
+
+def duration(seconds: float) -> str:
+    return f"{int(seconds // 60)} m {int(seconds % 60):02d} s" if seconds >= 60 else f"{seconds:.0f} s"
+
+
 def eta(done: int, total: int, elapsed: float) -> str:
     """'ETA 1 m 05 s' from the rate so far ('' before the first step)."""
-    if done <= 0 or done >= total:
-        return ""
-    left = elapsed / done * (total - done)
-    return f"ETA {int(left // 60)} m {int(left % 60):02d} s" if left >= 60 else f"ETA {left:.0f} s"
+    left = seconds_left(done, total, elapsed)
+    return "" if left is None else f"ETA {duration(left)}"

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from varq_jax import fingerprint, sampling
+from varq_jax import fingerprint, progress as progress_lib, sampling
 from varq_jax.checkpoint import ModelCheckpoint
 from varq_jax.models.var import VAR
 from varq_jax.models.vqvae import VQVAE
@@ -202,8 +202,11 @@ def ptq(ck: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings, log: Ca
     def make_calibration():
         labels = calibration.calibration_labels(cs.num_samples, var_cfg.num_classes, cs.seed)
         with precision_scope(settings, DTYPES[settings.calib_dtype]):
+            started = time.perf_counter()
             report_batch = None if progress is None else (
-                lambda done, total: progress.update(f"  calibration: {done}/{total} samples", final=done == total))
+                lambda done, total: progress.update(
+                    f"  calibration: {done}/{total} samples  {progress_lib.eta(done, total, time.perf_counter() - started)}",
+                    final=done == total))
             calib = calibration.generate_calibration(ck.vae_cfg, var_cfg, ck.params, labels, cs.seed,
                                                      sampling_settings, cs.batch_size, DTYPES[settings.calib_dtype],
                                                      keep_probs=settings.resampling, progress=report_batch)
@@ -266,7 +269,9 @@ def ptq(ck: ModelCheckpoint, policy: QuantPolicy, settings: PTQSettings, log: Ca
     # 5. reconstruction
     if settings.reconstruction:
         def make_reconstruction():
-            extra = {} if progress is None else {"progress": progress}
+            # the run's ETA: the stage's plus θ with the learned rounding, as long as θ took before it
+            after = report["stages"].get("theta", 0.0) if sas else 0.0
+            extra = {} if progress is None else {"progress": progress, "after_s": after}
             with precision_scope(settings, jnp.float32):
                 learned, recon_report = reconstruct(ck, policy, quant, calib, settings,
                                                     store.scratch("reconstruction"), log, **extra)

@@ -8,9 +8,21 @@ from varq_jax.quant.units import recon_targets
 from varq_jax.quant.reconstruction import reconstruct_model
 
 
-def reconstruct(ck, policy, quant, calib, settings, workdir, log, progress=None):
+def progress_line(unit: str, done: int, total: int, loss: float, unit_s: float, index: int, n_units: int,
+                  stage_s: float, after_s: float = 0.0) -> str:
+    """One reconstruction progress line: the unit's iteration and loss, the stage's ETA (from the fraction of all
+    units' iterations done) and the run's (the stage's plus `after_s`, the estimated time of the stages after it)."""
+    frac = (index + done / total) / n_units
+    left = progress_lib.seconds_left(int(1000 * frac), 1000, stage_s)
+    etas = "" if left is None else f"; ETA {progress_lib.duration(left)}" + (
+        f", run ETA {progress_lib.duration(left + after_s)}" if after_s > 0 else "")
+    return f"  {unit:<24} iter {done}/{total}  loss {loss:.4g}  ({unit_s:.0f} s; unit {index + 1}/{n_units}{etas})"
+
+
+def reconstruct(ck, policy, quant, calib, settings, workdir, log, progress=None, after_s: float = 0.0):
     """BRECQ/AdaRound over every unit in model order; resumable in `workdir`. Returns (quant with α, report).
-    With a `progress.Progress`, each unit's loop reports iteration, loss and the stage's ETA after every chunk."""
+    With a `progress.Progress`, each unit's loop reports iteration, loss, the stage's ETA and the run's (`after_s`:
+    the estimated seconds of the stages after reconstruction) after every chunk."""
     rc = settings.recon
     modules = {}
     units = [t.name for t in recon_targets(ck.var_cfg) if not rc.units or t.name in rc.units]
@@ -20,12 +32,9 @@ def reconstruct(ck, policy, quant, calib, settings, workdir, log, progress=None)
         t0 = unit_start.setdefault(unit, time.perf_counter())
         if done == total and not progress.live:
             return                                   # the unit's summary line follows
-        i = units.index(unit)
-        frac = (i + done / total) / len(units)
-        left = progress_lib.eta(int(1000 * frac), 1000, time.perf_counter() - started)
-        progress.update(f"  {unit:<24} iter {done}/{total}  loss {loss:.4g}  "
-                        f"({time.perf_counter() - t0:.0f} s; unit {i + 1}/{len(units)}{'; ' + left if left else ''})",
-                        final=done == total)
+        now = time.perf_counter()
+        progress.update(progress_line(unit, done, total, loss, now - t0, units.index(unit), len(units),
+                                      now - started, after_s), final=done == total)
 
     def done(record, _):
         row = modules[record["module"]] = _row(record)
