@@ -204,6 +204,10 @@ def test_cli_bad_input_is_a_clean_error(tmp_path):
                         "--config.recon.iters=5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "unknown preset(s) w9a9" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "wd").exists()
+    r = subprocess.run([sys.executable, "-m", "experiments.ablate", "--num_images=5", f"--workdir={tmp_path}/wd"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "error: --num_images is now --eval.num_images" in r.stderr
+    assert not (tmp_path / "wd").exists()
 
 
 # --- the A·V diagnostic on the shipped model ----------------------------------------------------------------
