@@ -70,7 +70,7 @@ def rewrite_config_argv(argv: list, flag: str = "config", prefix: str = "", defa
     try:
         return _rewrite_config_argv(argv, flag, prefix, default)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        _exit(str(e))
 
 
 def refuse_renamed(argv: list, names, flag: str = "config") -> None:
@@ -79,7 +79,13 @@ def refuse_renamed(argv: list, names, flag: str = "config") -> None:
         name = a[2:].split("=", 1)[0] if a.startswith("--") else ""
         for n in names:
             if name in (n, "no" + n):
-                raise SystemExit(f"error: --{n} is now --{flag}.{n} (settings go through --{flag}; see --help)")
+                _exit(f"--{n} is now --{flag}.{n} (settings go through --{flag}; see --help)")
+
+
+def _exit(message: str):
+    """A user error before absl runs: one line on stderr, exit code 2 (as `run`)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _rewrite_config_argv(argv: list, flag: str, prefix: str, default: str = None) -> list:
