@@ -45,7 +45,7 @@ def main(out, specs):
         t = timeit(go)
         res["rows"].append({"depth": depth, "batch": batch, "s": t, "img_per_s": batch / t})
         print(f"official VAR d{depth} B{batch}: {t * 1e3:.1f} ms ({batch / t:.1f} img/s)", flush=True)
-        del vae, var
+        vae = var = None
         torch.cuda.empty_cache()
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
