@@ -7,6 +7,7 @@ differences into one-step code flips (test_quant_policy's docstring), so only we
 for equality.
 """
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,16 @@ def preset_policy(name: str, method: str = "full") -> QuantPolicy:
 @pytest.fixture(scope="module")
 def tiny():
     return init_params(VAE_CFG, VAR_CFG, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def teacher_forced(tiny):
+    """(labels, next-scale inputs, FP logits) of two random token pyramids, shared by the preset tests."""
+    toks = [jax.random.randint(jax.random.PRNGKey(i), (2, pn * pn), 0, VAR_CFG.vocab_size)
+            for i, pn in enumerate(VAR_CFG.patch_nums)]
+    x = VQVAE(VAE_CFG).apply({"params": tiny["vae"]}, toks, method=VQVAE.idx_to_var_input)
+    labels = jnp.array([1, 2])
+    return labels, x, forward(VAR_CFG, None, {"params": tiny["var"]}, labels, x)
 
 
 def _site_product(rule, site, k, n, rng, kernel):
@@ -117,16 +128,12 @@ def test_w4_linears_hold_under_0_3_of_their_bf16_bytes(tiny):
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_every_presets_forward_is_near_the_simulation(tiny, name):
+def test_every_presets_forward_is_near_the_simulation(tiny, teacher_forced, name):
     policy = dataclasses.replace(preset_policy(name), phase="nearest")
     quant = state.set_theta(state.init_quant_state(tiny["var"], policy), 0.05)
     int_policy = execution.IntegerPolicy.of(policy).check(VAR_CFG)
     params, iq = int_policy.prepare_params(tiny["var"], quant)
-    toks = [jax.random.randint(jax.random.PRNGKey(i), (2, pn * pn), 0, VAR_CFG.vocab_size)
-            for i, pn in enumerate(VAR_CFG.patch_nums)]
-    x = VQVAE(VAE_CFG).apply({"params": tiny["vae"]}, toks, method=VQVAE.idx_to_var_input)
-    labels = jnp.array([1, 2])
-    fp = forward(VAR_CFG, None, {"params": tiny["var"]}, labels, x)
+    labels, x, fp = teacher_forced
     sim = forward(VAR_CFG, policy, {"params": tiny["var"], "quant": quant}, labels, x)
     got = forward(VAR_CFG, int_policy, {"params": params, "quant": iq}, labels, x)
     assert rms(got - sim) <= 0.75 * rms(sim - fp), (rms(got - sim), rms(sim - fp))
@@ -198,7 +205,7 @@ def test_a_rule_integers_cannot_run_is_refused_before_any_work(tiny):
         sampling.Sampler(VAE_CFG, VAR_CFG, SC, jnp.float32, acts_only, execution="int8")
 
 
-def test_checkpoints_load_as_integer_models(tmp_path, tiny):
+def test_checkpoints_load_as_integer_models(tmp_path, tiny, teacher_forced):
     """A checkpoint written before integer execution (format 1) and one written now load straight into the integer
     form (no float kernels); weight-only, the logits equal the simulation's."""
     old = export.load_quantized("tests/fixtures/v1_quantized_tiny", execution="int")
@@ -214,13 +221,28 @@ def test_checkpoints_load_as_integer_models(tmp_path, tiny):
     loaded = export.load_quantized(path, execution="int")
     assert "kernel" not in loaded.params["var"]["head"]
     sim_ck = export.load_quantized(path)
-    toks = [jax.random.randint(jax.random.PRNGKey(i), (2, pn * pn), 0, VAR_CFG.vocab_size)
-            for i, pn in enumerate(VAR_CFG.patch_nums)]
-    x = VQVAE(VAE_CFG).apply({"params": tiny["vae"]}, toks, method=VQVAE.idx_to_var_input)
-    labels = jnp.array([1, 2])
+    labels, x, _ = teacher_forced
     sim = forward(VAR_CFG, sim_ck.policy.for_inference(), {"params": sim_ck.params["var"], "quant": sim_ck.quant},
                   labels, x)
     got = forward(VAR_CFG, loaded.policy, {"params": loaded.params["var"], "quant": loaded.quant}, labels, x)
     np.testing.assert_array_equal(got, sim)
     with pytest.raises(checkpoint.CheckpointError, match="full-precision checkpoint: integer execution"):
         export.load_any(checkpoint.save(str(tmp_path / "fp"), VAE_CFG, VAR_CFG, tiny), execution="int")
+
+
+def test_a_sample_set_records_its_execution_and_refuses_the_other(tmp_path, tiny):
+    from varq_jax.eval import generate
+    policy = QuantPolicy(w_bits=4, a_bits=6)
+    quant = state.init_quant_state(tiny["var"], policy)
+    labels = np.arange(4, dtype=np.int32)
+    plans = {}
+    for name, pol in (("simulate", policy), ("int", execution.IntegerPolicy.of(policy))):
+        model = checkpoint.ModelCheckpoint(VAE_CFG, VAR_CFG, tiny, {})
+        model.policy, model.quant = pol, quant
+        plans[name] = generate.make_plan(model, labels, 0, SC, jnp.float32, 2, None)
+    assert plans["simulate"]["execution"] == "simulate" and plans["int"]["execution"] == "int"
+    old = {k: v for k, v in plans["simulate"].items() if k != "execution"}       # written before the field
+    (tmp_path / generate.MANIFEST).write_text(json.dumps(old))
+    assert generate._check_or_write_manifest(str(tmp_path), plans["simulate"], {}) is not None
+    with pytest.raises(ValueError, match="execution: 'simulate' there, 'int' now"):
+        generate._check_or_write_manifest(str(tmp_path), plans["int"], {})
