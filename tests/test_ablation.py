@@ -251,9 +251,13 @@ def shipped():
         pytest.fail("the embedded default model is not shipped")
     ck = default_model.load_model(None)
     c = ptq.make(4, 6)
-    labels = calibration.calibration_labels(2, ck.var_cfg.num_classes, c.calib.seed)
-    cal = calibration.generate_calibration(ck.vae_cfg, ck.var_cfg, ck.params, labels, c.calib.seed,
-                                           pipeline.calib_settings(c, ck.var_cfg), 2, jnp.float32, keep_probs=False)
+    # Four samples in one float32 batch at HIGHEST precision, as the small-budget PTQ runs of other test files
+    # draw their calibration sets: the sampler comes from the session's compilation cache.
+    labels = calibration.calibration_labels(4, ck.var_cfg.num_classes, c.calib.seed)
+    with jax.default_matmul_precision("highest"):
+        cal = calibration.generate_calibration(ck.vae_cfg, ck.var_cfg, ck.params, labels, c.calib.seed,
+                                               pipeline.calib_settings(c, ck.var_cfg), 4, jnp.float32,
+                                               keep_probs=False)
     return ck, cal.labels, cal.tokens
 
 
@@ -265,8 +269,9 @@ def test_av_error_equals_a_direct_computation(shipped):
 
     x = VQVAE(ck.vae_cfg).apply({"params": ck.params["vae"]}, tokens, method=VQVAE.idx_to_var_input)
     both = jnp.concatenate([jnp.asarray(labels), jnp.full(len(labels), cfg.num_classes, jnp.int32)])
-    _, sown = VAR(cfg, jnp.float32, _CaptureQKV(w_bits=8, a_bits=bits)).apply(
-        {"params": ck.params["var"]}, both, jnp.concatenate([x, x]), mutable=["intermediates"])
+    capture = jax.jit(lambda p, labels, x: VAR(cfg, jnp.float32, _CaptureQKV(w_bits=8, a_bits=bits)).apply(
+        {"params": p}, labels, x, mutable=["intermediates"]))
+    _, sown = capture(ck.params["var"], both, jnp.concatenate([x, x]))
     q, k, v = (np.asarray(t, np.float64) for t in sown["intermediates"][f"blocks_{block}"]["attn"]["qkv"][scale])
     begin, end = cfg.begin_ends[scale]
     assert q.shape[1] == end - begin and k.shape[1] == v.shape[1] == end

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import convert_torch_weights
+from test_generate import random_like
 from varq_jax import checkpoint
 from varq_jax.models import zoo
-from varq_jax.models.build import init_params
+from varq_jax.models.build import abstract_params
 from varq_jax.runs import quantize as workflow
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -21,7 +22,8 @@ VAE_CFG = dataclasses.replace(VAE_CFG, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.tree.map(np.asarray, init_params(VAE_CFG, VAR_CFG, jax.random.PRNGKey(0)))
+    """Any values do (NumPy's random ones: Flax's init runs the model's forward eagerly, ~15 s on a CPU)."""
+    return random_like(abstract_params(VAE_CFG, VAR_CFG))
 
 
 def _largest_file(root) -> str:

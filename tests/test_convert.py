@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import convert_torch_weights
+from test_generate import random_like
 from varq_jax import checkpoint, torch_mapping
 from varq_jax.models import zoo
 
@@ -89,9 +90,9 @@ def test_detects_plain_attention_and_shared_aln():
     """Keys decide attn_l2_norm (scale_mul_1H11) and shared_aln (shared_ada_lin), as for d24 and d36."""
     for l2, shared in ((False, False), (True, True)):
         vae_cfg, var_cfg = zoo.tiny((1, 2, 3, 5), attn_l2_norm=l2, shared_aln=shared)
-        from varq_jax.models.build import init_params
+        from varq_jax.models.build import abstract_params
         import jax
-        params = init_params(vae_cfg, var_cfg, jax.random.PRNGKey(0))
+        params = random_like(abstract_params(vae_cfg, var_cfg))      # NumPy's values: Flax's init is slow eagerly
         var_sd = torch_mapping.params_to_state_dict(params["var"], torch_mapping.var_torch_key)
         vae_sd = torch_mapping.params_to_state_dict(params["vae"], lambda p: torch_mapping.vae_torch_key(p, vae_cfg))
         assert ("blocks.0.attn.scale_mul_1H11" in var_sd) == l2 and ("shared_ada_lin.1.weight" in var_sd) == shared

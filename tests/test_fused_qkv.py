@@ -8,7 +8,6 @@ import pytest
 
 from varq_jax import sampling
 from varq_jax.models import fused_qkv, zoo
-from varq_jax.models.build import init_params
 from varq_jax.models.var import VAR, qkv_heads
 from varq_jax.models.vqvae import VQVAE
 
@@ -48,19 +47,28 @@ def test_only_used_on_gpu_for_16_bit_outputs_and_power_of_two_heads():
     assert not fused_qkv.supported(jnp.zeros((2, 72), jnp.bfloat16), 24)     # not a Triton tile size
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_params):
+    """The tiny model (init_params(..., PRNGKey(0)), made once per run) and token maps to teacher-force: random ones
+    feed both paths the same inputs as sampled ones would, without compiling a free-running sampler per test."""
+    vae_cfg, var_cfg = zoo.tiny((1, 2, 3, 4))
+    params = tiny_params
+    tokens = [jax.random.randint(jax.random.PRNGKey(10 + i), (2, pn * pn), 0, var_cfg.vocab_size)
+              for i, pn in enumerate(var_cfg.patch_nums)]
+    return vae_cfg, var_cfg, params, tokens
+
+
 @pytest.mark.parametrize("scan_blocks", [True, False])
-def test_sampler_with_the_kernel_matches_the_xla_path(monkeypatch, scan_blocks):
+def test_sampler_with_the_kernel_matches_the_xla_path(monkeypatch, tiny, scan_blocks):
     """The kernel wired into the unrolled sampler (interpret mode standing in for the GPU): same guided logits as
     the XLA path at every scale, with the tokens teacher-forced so both runs see the same inputs. The scanned
     sampler keeps XLA's fusions."""
-    vae_cfg, var_cfg = zoo.tiny((1, 2, 3, 4))
-    params = init_params(vae_cfg, var_cfg, jax.random.PRNGKey(0))
+    vae_cfg, var_cfg, params, tokens = tiny
     settings = sampling.SamplingConfig(cfg=1.5, top_k=8, top_p=0.9)
     labels, keys = jnp.array([1, 2]), jax.random.split(jax.random.PRNGKey(1), 2)
     vae, var = VQVAE(vae_cfg, jnp.bfloat16), VAR(var_cfg, jnp.bfloat16)
     run = jax.jit(functools.partial(sampling.generate, vae, var, settings, collect_logits=True,
                                     scan_blocks=scan_blocks))
-    _, tokens, _ = run(params, None, labels, keys)
     keep = jnp.ones((2,) + (var_cfg.patch_nums[-1],) * 2)
     _, _, want = run(params, None, labels, keys, tokens, keep)
     calls = []

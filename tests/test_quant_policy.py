@@ -14,7 +14,6 @@ import pytest
 
 from varq_jax import sampling
 from varq_jax.models import zoo
-from varq_jax.models.build import init_params
 from varq_jax.models.var import VAR
 from varq_jax.models.vqvae import VQVAE
 from varq_jax.quant import export, state
@@ -26,8 +25,8 @@ SC = sampling.SamplingConfig(1.5, 16, 0.9)
 
 
 @pytest.fixture(scope="module")
-def model():
-    p = init_params(VAE_CFG, VAR_CFG, jax.random.PRNGKey(0))
+def model(tiny_params):
+    p = tiny_params                                # init_params(VAE_CFG, VAR_CFG, PRNGKey(0)), made once per run
     q = state.set_theta(state.init_quant_state(p["var"], POLICY), 0.05)   # θ small: orders 1..3 occur
     toks = [jax.random.randint(jax.random.PRNGKey(i), (2, pn * pn), 0, VAR_CFG.vocab_size)
             for i, pn in enumerate(VAR_CFG.patch_nums)]

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from configs import ptq
+from test_generate import random_like
 from varq_jax import checkpoint, sampling
 from varq_jax.models import zoo
-from varq_jax.models.build import init_params
+from varq_jax.models.build import abstract_params
 from varq_jax.models.var import VAR
 from varq_jax.models.vqvae import VQVAE
 from varq_jax.quant import bops, export, pipeline, quantizers, recon_stage, state, units
@@ -25,7 +26,8 @@ SC = sampling.SamplingConfig(1.5, 16, 0.9)
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(VAE_CFG, VAR_CFG, jax.random.PRNGKey(0))
+    """Random weights drawn in NumPy (Flax's init runs eagerly for ~20 s on a CPU; no test here needs its values)."""
+    return random_like(abstract_params(VAE_CFG, VAR_CFG))
 
 
 # --- resolution and validation ---------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Runs you can trust: a PTQ workdir's stages carry the fingerprint of what made them — resumed when it fits,
 refused (naming the fields) when it does not, discarded with restart, locked while being made, and a calibration
-set shared between runs verified on use. In-process on the embedded default with a small budget."""
+set shared between runs verified on use. In-process with a small budget on a saved tiny random-weight checkpoint
+(test_generate's, as in test_ablation: the stages are tested, not the model; a full PTQ of the shipped model
+compiles its programs for over a minute on a 2-core CPU); the teacher-forced probabilities on the shipped model."""
 import json
 import os
 import shutil
@@ -13,10 +15,13 @@ import numpy as np
 import pytest
 
 from configs import ptq
-from varq_jax import default_model, fingerprint, sampling
+from test_generate import small_model
+from varq_jax import checkpoint, default_model, fingerprint, sampling
 from varq_jax.quant import calibration, export
 from varq_jax.runs import quantize as quantize_run
 from varq_jax.runs.store import StageStore, StaleStateError
+
+PATCH_NUMS = small_model().var_cfg.patch_nums          # one frequency-mismatch entry per scale
 
 
 def _config(method="baseline", **overrides):
@@ -40,16 +45,25 @@ class Log(list):
         return "\n".join(self)
 
 
-def _quantize(config, workdir, **kw):
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The model every run here quantizes: test_generate's tiny random-weight model, saved (a --checkpoint)."""
+    path = str(tmp_path_factory.mktemp("model") / "tiny")
+    m = small_model()
+    checkpoint.save(path, m.vae_cfg, m.var_cfg, m.params, meta=m.meta)
+    return path
+
+
+def _quantize(config, workdir, model_dir, **kw):
     log = Log()
-    report = quantize_run.quantize_command(config, None, str(workdir), log=log, **kw)
+    report = quantize_run.quantize_command(config, model_dir, str(workdir), log=log, **kw)
     return report, log
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
+def full_run(tmp_path_factory, model_dir):
     wd = tmp_path_factory.mktemp("runs") / "w4a6_full"
-    report, _ = _quantize(_config("full"), wd)
+    report, _ = _quantize(_config("full"), wd, model_dir)
     return wd, report
 
 
@@ -64,16 +78,16 @@ def test_full_method_small_budget(full_run):
     units = rep["reconstruction"]["modules"]
     assert set(units) == {"blocks_0/ffn", "head"}
     assert all(u["loss_start"] is not None and u["loss_end"] is not None for u in units.values())
-    assert 0 < rep["theta"] <= 1 and len(rep["frequency_mismatch"]["after"]) == 7
+    assert 0 < rep["theta"] <= 1 and len(rep["frequency_mismatch"]["after"]) == len(PATCH_NUMS)
     assert set(rep["fingerprints"]) == {"calibration", "theta", "resampling", "reconstruction", "theta_after"}
     for stage in rep["fingerprints"]:
         assert os.path.isdir(wd / "state" / stage), stage
 
 
-def test_resume_reuses_every_stage_bit_identically(full_run):
+def test_resume_reuses_every_stage_bit_identically(full_run, model_dir):
     wd, rep = full_run
     before = _codes(wd)
-    again, log = _quantize(_config("full"), wd)
+    again, log = _quantize(_config("full"), wd, model_dir)
     for stage in ("calibration", "theta", "resampling", "reconstruction", "theta_after"):
         assert f"[{stage}] reused from the workdir" in log.text(), stage
     assert "blocks_0/ffn" not in log.text()                           # no unit reconstructed again
@@ -89,38 +103,38 @@ def test_resume_reuses_every_stage_bit_identically(full_run):
     ("full", {"a_bits": 8}, "a_bits: 6 there, 8 now"),
     ("brecq_resample", {}, "shift_and_sum: true there, false now"),
 ])
-def test_other_settings_are_refused_before_any_work(full_run, method, overrides, named):
+def test_other_settings_are_refused_before_any_work(full_run, model_dir, method, overrides, named):
     wd, _ = full_run
     stamps = {f: os.path.getmtime(wd / f) for f in ("report.json", "model")}
     with pytest.raises(StaleStateError, match="other settings") as e:
-        _quantize(_config(method, **overrides), wd)
+        _quantize(_config(method, **overrides), wd, model_dir)
     assert named in str(e.value) and "--restart" in str(e.value)
     assert stamps == {f: os.path.getmtime(wd / f) for f in stamps}      # nothing rewritten or relabelled
 
 
-def test_baseline_over_a_full_run_reuses_only_what_fits(full_run, tmp_path):
+def test_baseline_over_a_full_run_reuses_only_what_fits(full_run, model_dir, tmp_path):
     """A baseline on a copy of the full run's workdir reuses its calibration set (the tokens as sampled, not the
     resampled ones) and neither resamples nor reports resampling."""
     wd = tmp_path / "copy"
     shutil.copytree(full_run[0], wd)
-    rep, log = _quantize(_config("baseline"), wd)
+    rep, log = _quantize(_config("baseline"), wd, model_dir)
     assert "[calibration] reused" in log.text() and "resampling" not in rep["stages"]
     assert "frequency_mismatch" not in rep and "reconstruction" not in rep and rep["config"]["method"] == "baseline"
 
 
 @pytest.fixture(scope="module")
-def baseline_run(tmp_path_factory):
+def baseline_run(tmp_path_factory, model_dir):
     wd = tmp_path_factory.mktemp("runs") / "w4a6_baseline"
-    rep, _ = _quantize(_config("baseline"), wd)
+    rep, _ = _quantize(_config("baseline"), wd, model_dir)
     return wd, rep
 
 
-def test_restart_discards_stale_stages(baseline_run, tmp_path):
+def test_restart_discards_stale_stages(baseline_run, model_dir, tmp_path):
     wd = tmp_path / "restart"
     shutil.copytree(baseline_run[0], wd)
     with pytest.raises(StaleStateError, match="calib.seed: 2025 there, 3 now"):
-        _quantize(_config("baseline", **{"calib.seed": 3}), wd)
-    rep, log = _quantize(_config("baseline", **{"calib.seed": 3}), wd, restart=True)
+        _quantize(_config("baseline", **{"calib.seed": 3}), wd, model_dir)
+    rep, log = _quantize(_config("baseline", **{"calib.seed": 3}), wd, model_dir, restart=True)
     assert "discarding stale stage 'calibration'" in log.text() and rep["config"]["calib"]["seed"] == 3
     labels = export.load_quantized(str(wd / "model"))       # the new model was written
     assert labels.policy is not None
@@ -128,27 +142,27 @@ def test_restart_discards_stale_stages(baseline_run, tmp_path):
     assert rec["fingerprint"]["calib.seed"] == 3 and rec["versions"]["jax"] == jax.__version__
 
 
-def test_a_shared_calibration_set_is_verified_and_used(baseline_run, tmp_path):
+def test_a_shared_calibration_set_is_verified_and_used(baseline_run, model_dir, tmp_path):
     src = baseline_run[0]
     # another method takes the set, resampling on: its probabilities are recomputed teacher-forced
     rep, log = _quantize(_config("baseline", resampling=True, **{"calib.num_samples": 16}), tmp_path / "shared",
-                         calibration=str(src))
+                         model_dir, calibration=str(src))
     assert "its settings replace the config's" in log.text() and "teacher-forced" in log.text()
     assert rep["config"]["calib"]["num_samples"] == 4 and rep["config"]["calibration_from"].endswith("calibration")
     assert rep["fingerprints"]["calibration"] == baseline_run[1]["fingerprints"]["calibration"]
-    assert len(rep["frequency_mismatch"]["after"]) == 7
+    assert len(rep["frequency_mismatch"]["after"]) == len(PATCH_NUMS)
     # a shared set whose tokens no longer match their recorded checksum is refused, naming the array
     bad = tmp_path / "bad"
     shutil.copytree(src, bad)
     meta_file = bad / "state" / "calibration" / "ckpt" / "meta" / "metadata"
     meta = json.load(open(meta_file))
-    meta["checksums"]["arrays/tokens/3"] = "0" * 64
+    meta["checksums"]["arrays/tokens/2"] = "0" * 64
     json.dump(meta, open(meta_file, "w"))
-    with pytest.raises(ValueError, match=r"corrupt: array 'arrays/tokens/3' does not match"):
-        _quantize(_config("baseline"), tmp_path / "other", calibration=str(bad))
+    with pytest.raises(ValueError, match=r"corrupt: array 'arrays/tokens/2' does not match"):
+        _quantize(_config("baseline"), tmp_path / "other", model_dir, calibration=str(bad))
     assert not (tmp_path / "other" / "model").exists()
     with pytest.raises(ValueError, match="holds no calibration set"):
-        _quantize(_config("baseline"), tmp_path / "other2", calibration=str(tmp_path))
+        _quantize(_config("baseline"), tmp_path / "other2", model_dir, calibration=str(tmp_path))
 
 
 def test_teacher_forced_probabilities_equal_the_sampling_time_ones():

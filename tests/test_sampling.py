@@ -8,7 +8,6 @@ import pytest
 
 from varq_jax import sampling
 from varq_jax.models import zoo
-from varq_jax.models.build import init_params
 from varq_jax.models.var import VAR
 from varq_jax.models.vqvae import VQVAE
 
@@ -17,8 +16,8 @@ SC = sampling.SamplingConfig(cfg=1.5, top_k=8, top_p=0.9)
 
 
 @pytest.fixture(scope="module")
-def params():
-    p = init_params(VAE_CFG, VAR_CFG, jax.random.PRNGKey(0))
+def params(tiny_params):
+    p = tiny_params                                # init_params(VAE_CFG, VAR_CFG, PRNGKey(0)), made once per run
     # Sharpen the head so that top-k/top-p leave several but not all codes.
     p["var"]["head"]["kernel"] = p["var"]["head"]["kernel"] * 30
     return p
@@ -30,11 +29,11 @@ def sampler():
 
 
 def test_shapes_range_and_determinism(params, sampler):
-    labels = np.array([0, 3, 10])            # 10 = the null class (unconditional)
-    img, toks = sampler(params, labels, jax.random.PRNGKey(1))
-    assert img.shape == (3, VAE_CFG.image_size, VAE_CFG.image_size, 3) and img.dtype == jnp.float32
+    labels = np.array([0, 3, 10, 7])         # 10 = the null class (unconditional); batch 4 as in the next test
+    img, toks = sampler(params, labels, jax.random.PRNGKey(1))           # (the sampler compiles once for both)
+    assert img.shape == (4, VAE_CFG.image_size, VAE_CFG.image_size, 3) and img.dtype == jnp.float32
     assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0
-    assert [t.shape for t in toks] == [(3, pn * pn) for pn in VAR_CFG.patch_nums]
+    assert [t.shape for t in toks] == [(4, pn * pn) for pn in VAR_CFG.patch_nums]
     img2, toks2 = sampler(params, labels, jax.random.PRNGKey(1))
     np.testing.assert_array_equal(np.asarray(img), np.asarray(img2))
     _, toks3 = sampler(params, labels, jax.random.PRNGKey(2))

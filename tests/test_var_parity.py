@@ -3,6 +3,7 @@
 Fixtures from the glob in VARQ_PARITY_FIXTURES (default tests/fixtures/var_*.npz); everything about the model
 comes from each file's meta_json, so other files of the same format run unchanged.
 """
+import functools
 import os
 
 import jax
@@ -67,9 +68,9 @@ def test_forced_token_sampling_run(fx):
     forced = [jnp.asarray(t, jnp.int32) for t in _scales(z, "inf/forced_idx_")]
     b, pn = forced[0].shape[0], var_cfg.patch_nums[-1]
     sc = sampling.SamplingConfig(cfg=meta["cfg_scale"], top_k=meta["top_k"], top_p=meta["top_p"])
-    img, tokens, logged = sampling.generate(
-        VQVAE(vae_cfg), VAR(var_cfg), sc, params, None, jnp.asarray(z["in/label"], jnp.int32),
-        jax.random.split(jax.random.PRNGKey(0), b), forced, jnp.ones((b, pn, pn)), collect_logits=True)
+    generate = jax.jit(functools.partial(sampling.generate, VQVAE(vae_cfg), VAR(var_cfg), sc, collect_logits=True))
+    img, tokens, logged = generate(params, None, jnp.asarray(z["in/label"], jnp.int32),
+                                   jax.random.split(jax.random.PRNGKey(0), b), forced, jnp.ones((b, pn, pn)))
     for si, (guided, masked) in enumerate(logged):
         assert rel_err(guided, z[f"inf/cfg_logits_{si}"]) <= TOL, f"guided logits of scale {si}"
         assert rel_err(masked, z[f"inf/masked_logits_{si}"]) <= TOL, f"masked logits of scale {si}"
