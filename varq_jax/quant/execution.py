@@ -9,7 +9,7 @@ execution="int")` builds it straight from a checkpoint's codes.
 """
 import dataclasses
 
-import numpy as np
+import jax
 from flax import traverse_util
 
 from varq_jax.models.var import dense as float_dense
@@ -67,10 +67,9 @@ def integer_model(var_params: dict, quant: dict, policy: QuantPolicy):
 def model_bytes(var_params: dict, quant: dict) -> dict:
     """Bytes held by an integer model: {'coded_linears' (codes + scales + zero points + sums), 'other'}."""
     flat_q = traverse_util.flatten_dict(quant)
-    nbytes = lambda a: int(np.dtype(a.dtype).itemsize * np.prod(a.shape))
-    coded = sum(nbytes(a) for p, a in flat_q.items() if p[-1] in FORM)
-    rest = sum(nbytes(a) for a in traverse_util.flatten_dict(var_params).values())
-    return {"coded_linears": coded, "other": rest + sum(nbytes(a) for p, a in flat_q.items() if p[-1] not in FORM)}
+    coded = integer.weight_bytes({p: a for p, a in flat_q.items() if p[-1] in FORM})
+    rest = integer.weight_bytes({p: a for p, a in flat_q.items() if p[-1] not in FORM})
+    return {"coded_linears": coded, "other": rest + integer.weight_bytes(traverse_util.flatten_dict(var_params))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +116,6 @@ class IntegerPolicy(QuantPolicy):
     def gemm(self, p: integer.Plan) -> str:
         """auto: on GPU the Pallas kernel for group-wise sites (XLA writes one int32 product per K-block) and XLA's
         int8 dot for per-channel × per-token ones (faster there on an H200); XLA elsewhere."""
-        import jax
         if self.kernel != "auto":
             return self.kernel
         return "pallas" if jax.default_backend() == "gpu" and p.num_blocks > 1 else "xla"

@@ -140,7 +140,7 @@ def dequantize(p: Plan, w: dict) -> Array:
 
 
 def weight_bytes(w: dict) -> int:
-    """Bytes of a weight form as held in memory (codes + scales + zero points + column sums)."""
+    """Bytes of a flat dict of arrays as held in memory (a weight form: codes + scales + zero points + sums)."""
     return int(sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape)) for a in w.values()))
 
 
