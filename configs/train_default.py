@@ -26,6 +26,7 @@ def _optim(lr, warmup_steps, weight_decay, b2, grad_clip, end_ratio=0.05):
 def get_config(arg: str = ""):
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.dataset = "shapes"     # varq_jax.data.DATASETS
     c.image_size = 64
     c.patch_nums = (1, 2, 3, 4, 5, 6, 8)
     c.vocab_size = 512

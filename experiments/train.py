@@ -1,4 +1,4 @@
-"""Trains the embedded default model: `--stage=vqvae`, then `var` (needs the VQVAE export), `classifier`, or `all`.
+"""Trains an embedded model: `--stage=vqvae`, then `var` (needs the VQVAE export), `classifier`, `all`, or a list.
 
   python -m experiments.train --config=configs/train_default.py --workdir=runs/default --stage=all
 
@@ -14,7 +14,8 @@ from varq_jax import cli, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/train_default.py", "Training configuration.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.", required=True)
-_STAGE = flags.DEFINE_enum("stage", "all", ["all", *train.STAGES], "Which model to train.")
+_STAGE = flags.DEFINE_list("stage", ["all"], f"Which models to train, in order: all, or some of "
+                           f"{', '.join(train.STAGES)} (e.g. vqvae,classifier).")
 
 
 def _quiet_orbax(record: std_logging.LogRecord) -> bool:
@@ -25,7 +26,10 @@ def _quiet_orbax(record: std_logging.LogRecord) -> bool:
 def main(argv):
     del argv
     logging.get_absl_logger().addFilter(_quiet_orbax)
-    stages = list(train.STAGES) if _STAGE.value == "all" else [_STAGE.value]
+    stages = list(train.STAGES) if _STAGE.value == ["all"] else _STAGE.value
+    unknown = [s for s in stages if s not in train.STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r}; valid: all, {', '.join(train.STAGES)}")
     for name in stages:
         path = train.STAGES[name].train_and_export(_CONFIG.value, _WORKDIR.value)
         if not path:

@@ -94,3 +94,45 @@ def test_bad_arguments_are_rejected():
 
 def test_batch_indices_depend_only_on_the_step():
     np.testing.assert_array_equal(np.asarray(shapes.batch_indices(3, 5)), np.arange(15, 20))
+
+
+# --- shapes100: the research model's data ---------------------------------------------------------------------
+def test_shapes100_classes_are_the_triples_and_balanced():
+    from varq_jax.data import shapes100
+    assert shapes100.NUM_CLASSES == 100 == len(set(shapes100.CLASS_NAMES))
+    images, labels = shapes100.make_batch_uint8(0, np.arange(200), split="test", image_size=32)
+    assert images.shape == (200, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(np.bincount(np.asarray(labels), minlength=100), 2)
+    shape, texture, layout = shapes100.attributes(np.arange(100))
+    assert {(s, t, l) for s, t, l in zip(shape, texture, layout)} == {(s, t, l) for s in range(10) for t in range(5)
+                                                                       for l in range(2)}
+    assert shapes100.CLASS_NAMES[57] == "pair_solid_rhombus" and shapes100.CLASS_NAMES[13] == "single_stripes_plus"
+
+
+def test_shapes100_is_the_data_the_research_model_was_trained_on():
+    """Per-image statistics pinned when the research VQVAE and classifier were trained: a change to the renderer
+    would silently move the research model's real-data reference."""
+    import json
+    import os
+    from varq_jax.data import shapes100
+    pinned = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "shapes100_stats.json")))
+    images, _ = shapes100.make_batch_uint8(0, np.asarray(pinned["indices"]), split="test")
+    x = np.asarray(images).astype(np.float64)
+    np.testing.assert_allclose(x.mean((1, 2)), pinned["mean"], atol=0.5)
+    np.testing.assert_allclose(x.std((1, 2)), pinned["std"], atol=0.5)
+
+
+def test_shapes100_texture_and_layout_change_the_image():
+    """Same random draw, one attribute changed: the image changes (each attribute is visible)."""
+    from varq_jax.data import shapes100
+    key = jax.random.key(3)
+    base = np.asarray(shapes100.render(key, 0))                   # single, solid, disk
+    for other in (10, 20, 30, 40, 50, 1):                         # textures, pair layout, another shape
+        assert np.abs(np.asarray(shapes100.render(key, other)) - base).mean() > 0.01, other
+
+
+def test_datasets_by_name():
+    from varq_jax import data
+    assert data.get("shapes100").NUM_CLASSES == 100 and data.get("shapes").NUM_CLASSES == 10
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'; valid datasets: shapes, shapes100"):
+        data.get("imagenet")

@@ -15,11 +15,28 @@ from varq_jax.models.build import init_params
 
 ASSETS = importlib.resources.files("varq_jax") / "assets"
 DEFAULT_MODELS = "default/vae_var"
+# models shipped in the package, by the name --checkpoint takes: the quickstart default and the research model
+# (harder data, 100 classes, depth 12, ten scales: where quantization hurts as on ImageNet)
+EMBEDDED = ("default", "research")
+
+
+def embedded_path(name: str) -> Optional[str]:
+    path = str(ASSETS / name / "vae_var")
+    return path if os.path.isdir(path) else None
 
 
 def default_path() -> Optional[str]:
-    path = str(ASSETS / DEFAULT_MODELS)
-    return path if os.path.isdir(path) else None
+    return embedded_path("default")
+
+
+def resolve(path: Optional[str]) -> Optional[str]:
+    """A --checkpoint value as a directory: an embedded model's name becomes its path inside the package."""
+    if path not in EMBEDDED:
+        return path
+    found = embedded_path(path)
+    if found is None:
+        raise ValueError(f"the embedded {path!r} model is not shipped in this installation ({ASSETS / path})")
+    return found
 
 
 def random_tiny() -> checkpoint.ModelCheckpoint:
@@ -30,7 +47,9 @@ def random_tiny() -> checkpoint.ModelCheckpoint:
 
 
 def load_model(path: Optional[str] = None, **kwargs) -> checkpoint.ModelCheckpoint:
-    """A checkpoint directory (full-precision or quantized), or the embedded default when `path` is None."""
+    """A checkpoint directory (full-precision or quantized), an embedded model's name, or the embedded default when
+    `path` is None."""
+    path = resolve(path)
     if path is not None:
         from varq_jax.quant.export import load_any
         return load_any(path, **kwargs)

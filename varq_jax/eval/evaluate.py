@@ -28,7 +28,7 @@ from varq_jax.eval import generate as gen_lib
 from varq_jax.eval import metrics
 from varq_jax.eval.features import (
     FeatureNet,
-    default_classifier_path,
+    embedded_classifier_paths,
     extract_features,
     load_classifier,
     load_inception,
@@ -111,22 +111,24 @@ def load_resources(config: EvalConfig, image_size: int, num_classes: int) -> Res
     else:
         res.notes.append("no Inception weights given (--inception): FID, sFID, IS, precision and recall are not "
                          "computed; convert pytorch-fid's weights with `python -m varq_jax.eval.convert_inception`")
-    path = config.classifier or default_classifier_path()
-    if path:
-        net = load_classifier(path)
-        if config.classifier:
-            if net.info["num_classes"] != num_classes:
-                raise ValueError(f"classifier {path} has {net.info['num_classes']} classes, the model {num_classes}")
-            res.classifier = net
-        elif net.info["num_classes"] == num_classes and net.image_size in (None, image_size):
-            res.classifier = net
+    if config.classifier:
+        net = load_classifier(config.classifier)
+        if net.info["num_classes"] != num_classes:
+            raise ValueError(f"classifier {config.classifier} has {net.info['num_classes']} classes, the model "
+                             f"{num_classes}")
+        res.classifier = net
+    else:                                   # the embedded classifier that fits the model (default or research)
+        nets = [load_classifier(p) for p in embedded_classifier_paths()]
+        fitting = [n for n in nets if n.info["num_classes"] == num_classes and n.image_size in (None, image_size)]
+        if fitting:
+            res.classifier = fitting[0]
+        elif nets:
+            shipped = ", ".join(f"{n.info['num_classes']} classes at {n.image_size}px" for n in nets)
+            res.notes.append(f"no embedded classifier ({shipped}) fits a {num_classes}-class {image_size}px model: "
+                             f"in-project metrics are not computed (--classifier DIR)")
         else:
-            res.notes.append(f"the embedded classifier ({net.info['num_classes']} shapes classes, {net.image_size}px) "
-                             f"does not fit a {num_classes}-class {image_size}px model: in-project metrics are not "
-                             f"computed")
-    else:
-        res.notes.append("no trained classifier (--classifier DIR, or the embedded one once shipped): the in-project "
-                         "class accuracy and classifier Fréchet distances are not computed")
+            res.notes.append("no trained classifier (--classifier DIR, or the embedded one once shipped): the "
+                             "in-project class accuracy and classifier Fréchet distances are not computed")
     check_sizes(res, image_size)
     return res
 
@@ -142,16 +144,33 @@ def check_sizes(res: Resources, image_size: int) -> None:
                          f"the samples are {image_size}px")
 
 
-def _real_shapes_images(num: int, image_size: int, chunk: int = 256) -> Iterable[np.ndarray]:
-    """The shapes test split (seed 0), the real data of the in-project metrics; rendered in fixed-size chunks
-    (one compilation), the last one cut."""
-    from varq_jax.data import shapes
+def _real_images(dataset: str, num: int, image_size: int, chunk: int = 256) -> Iterable[np.ndarray]:
+    """The test split (seed 0) of the classifier's dataset, the real data of the in-project metrics; rendered in
+    fixed-size chunks (one compilation), the last one cut."""
+    from varq_jax import data
     for start in range(0, num, chunk):
-        images, _ = shapes.make_batch_uint8(0, np.arange(start, start + chunk), split="test", image_size=image_size)
+        images, _ = data.get(dataset).make_batch_uint8(0, np.arange(start, start + chunk), split="test",
+                                                       image_size=image_size)
         yield np.asarray(images)[:num - start]
 
 
 # --- metrics of a sample set -------------------------------------------------------------------------------------
+PER_IMAGE = "per_image.npz"
+
+
+def save_per_image(path: str, classifier_out: Dict[str, np.ndarray], labels: np.ndarray) -> None:
+    """The classifier's view of every sample, in image order: features (float32 [N, D]), predicted class and the
+    conditioning label — what a paired bootstrap over image indices needs, written atomically."""
+    atomic_write(path, lambda f: np.savez(f, features=np.asarray(classifier_out["features"], np.float32),
+                                          predicted=np.asarray(classifier_out["logits"]).argmax(-1).astype(np.int32),
+                                          labels=np.asarray(labels, np.int32)))
+
+
+def load_per_image(path: str) -> Dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in ("features", "predicted", "labels")}
+
+
 METRIC_DESCRIPTIONS = {
     "fid": "FID vs the reference batch (Inception pool)",
     "sfid": "sFID vs the reference batch (Inception spatial)",
@@ -196,13 +215,16 @@ def sample_metrics(samples_path: str, labels: np.ndarray, num_classes: int, res:
             out.update({f"{k}_vs_ref_samples": v for k, v in _inception_vs(smp, ref, None).items()})
     if res.classifier is not None:
         smp = extract_features(res.classifier, samples_path, mesh, fb)
+        if parallel.is_main_process():      # per image, for paired bootstrap intervals (varq_jax.eval.paired)
+            save_per_image(os.path.join(os.path.dirname(samples_path), PER_IMAGE), smp, labels)
         conditional = labels < num_classes
         if res.classifier.info["num_classes"] == num_classes and conditional.any():
             out["class_accuracy"] = metrics.class_accuracy(smp["logits"][conditional], labels[conditional])
         size = metrics.load_reference_batch(samples_path).image_size[0]
         num_real = config.num_real or len(labels)
-        real = res.features(res.classifier, ("shapes-test", num_real, size), _real_shapes_images(num_real, size),
-                            mesh, fb)
+        dataset = res.classifier.info["dataset"]
+        real = res.features(res.classifier, (f"{dataset}-test", num_real, size),
+                            _real_images(dataset, num_real, size), mesh, fb)
         out["fd_classifier_real"] = metrics.frechet_distance(smp["features"], real["features"])
         if res.ref_samples is not None:
             ref = res.features(res.classifier, stamp(res.ref_samples.path), res.ref_samples.path, mesh, fb)
@@ -266,7 +288,7 @@ def evaluate(checkpoint: Optional[str], out_dir: str, config: EvalConfig, *, mes
                     "generated": run.generated, "reused": run.reused, "seconds": round(run.seconds, 3),
                     "devices": int(mesh.size), "processes": jax.process_count()},
         "references": {"ref_batch": config.ref_batch, "ref_samples": config.ref_samples,
-                       "real": (f"shapes test split, {config.num_real or num_images} images"
+                       "real": (f"{res.classifier.info['dataset']} test split, {config.num_real or num_images} images"
                                 if res.classifier is not None else None),
                        "inception": config.inception, "classifier": res.classifier.source if res.classifier else None},
         "metrics": scores,

@@ -1,5 +1,5 @@
 """The feature networks metrics are computed with: the FID Inception (converted weights) or the trained shapes
-classifier shipped beside the default model (never random weights), run data-parallel over the mesh.
+classifiers shipped beside the embedded models (never random weights), run data-parallel over the mesh.
 """
 import dataclasses
 import functools
@@ -12,7 +12,6 @@ import numpy as np
 from varq_jax import default_model, parallel
 from varq_jax.eval import metrics
 
-DEFAULT_CLASSIFIER = "default/classifier"       # under varq_jax/assets, beside the default model
 MIN_CLASSIFIER_TEST_ACCURACY = 0.5               # below this an exported classifier is treated as untrained
 
 
@@ -49,9 +48,10 @@ def _classifier_apply(cfg) -> Callable:
     return apply
 
 
-def default_classifier_path() -> Optional[str]:
-    path = str(default_model.ASSETS / DEFAULT_CLASSIFIER)
-    return path if os.path.isdir(path) else None
+def embedded_classifier_paths() -> list:
+    """The classifiers shipped beside the embedded models, the default's first."""
+    paths = (str(default_model.ASSETS / name / "classifier") for name in default_model.EMBEDDED)
+    return [p for p in paths if os.path.isdir(p)]
 
 
 def load_classifier(path: str) -> FeatureNet:
@@ -66,7 +66,8 @@ def load_classifier(path: str) -> FeatureNet:
                          f"its features would make meaningless metrics")
     cfg = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()})
     return FeatureNet("classifier", _classifier_apply(cfg), export.as_float32(params), meta.get("image_size"), path,
-                      {"num_classes": cfg.num_classes, "test_accuracy": float(acc), "steps": int(meta["steps"])})
+                      {"num_classes": cfg.num_classes, "test_accuracy": float(acc), "steps": int(meta["steps"]),
+                       "dataset": meta.get("dataset", "shapes")})      # exports before datasets had names: shapes
 
 
 def extract_features(net: FeatureNet, images, mesh, per_device_batch: int) -> Dict[str, np.ndarray]:

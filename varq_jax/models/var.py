@@ -105,9 +105,11 @@ def attention(q: Array, k: Array, v: Array, scale: float, mask: Optional[Array] 
     """softmax(q·kᵀ·scale [+ mask]) · v with q [B, T, H, D], k/v [B, S, H, D]; logits and softmax in float32.
 
     kv_len: only keys [0, kv_len) exist (a preallocated cache). On GPU with 16-bit inputs and no mask (KV-cached
-    sampling) this is cuDNN's fused flash attention, which never materialises the [B, H, T, S] scores and reads
-    the first kv_len keys in place (a padding mask) instead of a copied prefix."""
-    if mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu":
+    sampling) and a head size cuDNN takes (a multiple of 8, ≤ 256) this is cuDNN's fused flash attention, which
+    never materialises the [B, H, T, S] scores and reads the first kv_len keys in place (a padding mask)."""
+    head_dim = q.shape[-1]
+    flash_ok = head_dim % 8 == 0 and head_dim <= 256                  # cuDNN's flash attention's head sizes
+    if mask is None and flash_ok and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu":
         lens = None if kv_len in (None, k.shape[1]) else jnp.full((q.shape[0],), kv_len, jnp.int32)
         return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lens, implementation="cudnn")
     if kv_len is not None:

@@ -206,6 +206,7 @@ def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str,
         raise ValueError(f"diag_samples must be >= 0, got {diag_samples}")
     if not out.endswith(".md"):
         raise ValueError(f"out must be a markdown file (.md), got {out!r}")
+    checkpoint = default_model.resolve(checkpoint)
     if checkpoint is not None and not os.path.isdir(checkpoint):
         raise ValueError(f"checkpoint directory {checkpoint!r} does not exist")
     ck = default_model.load_model(checkpoint)

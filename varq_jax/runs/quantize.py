@@ -34,6 +34,7 @@ def quantize_command(config, checkpoint_path, workdir: str, log=print, progress=
     """`progress`: a `varq_jax.progress.Progress` for live calibration and reconstruction progress (None: quiet);
     `restart`: discard stages of WORKDIR/state made with other settings (else they are refused);
     `calibration`: take the calibration set of another run (its workdir or stage directory)."""
+    checkpoint_path = default_model.resolve(checkpoint_path)
     if checkpoint_path is not None and not os.path.isdir(checkpoint_path):
         raise checkpoint.CheckpointError(f"checkpoint directory {checkpoint_path!r} does not exist")
     ck = default_model.load_model(checkpoint_path)

@@ -11,10 +11,19 @@ from varq_jax import checkpoint, files
 from varq_jax.train import export
 
 TRAIN_COMMAND = "python -m experiments.train --config=configs/train_default.py --workdir=runs/default --stage=all"
+# the embedded models: (name in the metadata, training commands)
+MODELS = {
+    "default": ("varq-shapes default (64 px, 10 synthetic classes)", TRAIN_COMMAND),
+    "research": ("varq-shapes100 research (64 px, 100 classes, ten scales, depth 12)",
+                 "python -m experiments.train --config=configs/train_research.py --workdir=runs/research "
+                 "--stage=vqvae,classifier; python -m experiments.train --config=configs/train_research.py "
+                 "--workdir=runs/research --stage=var"),
+}
 
 
 def ship_default(workdir: str, assets_dir: str, *, commit: str, device: str, date: str,
-                 command: str = TRAIN_COMMAND) -> str:
+                 command: str = TRAIN_COMMAND, name: str = MODELS["default"][0], card: dict = None) -> str:
+    """`card`: measured facts to keep in the metadata (training times, acceptance numbers)."""
     vae_params, vae_info = export.load(os.path.join(workdir, "vqvae", "export"), "vqvae")
     var_params, var_info = export.load(os.path.join(workdir, "var", "export"), "var")
     vae_cfg, _, _ = export.load_model(os.path.join(workdir, "vqvae", "export"), "vqvae")
@@ -23,8 +32,8 @@ def ship_default(workdir: str, assets_dir: str, *, commit: str, device: str, dat
                                  seed=var_info["meta"].get("seed"), commit=commit, device=device, trained=date,
                                  vqvae_metrics=vae_info["meta"].get("eval"), var_metrics=var_info["meta"].get("eval"),
                                  vqvae_steps=vae_info["meta"].get("steps"), var_steps=var_info["meta"].get("steps"))
-    meta = {"name": "varq-shapes default (64 px, 10 synthetic classes)", "provenance": prov,
-            "image_size": vae_info["meta"].get("image_size")}
+    meta = {"name": name, "provenance": prov, "image_size": vae_info["meta"].get("image_size"),
+            "dataset": var_info["meta"].get("dataset", "shapes"), **({"card": card} if card else {})}
     out = os.path.join(assets_dir, "vae_var")
     checkpoint.save(out, vae_cfg, var_cfg, {"vae": vae_params, "var": var_params}, meta=meta, overwrite=True)
     cls_dst = os.path.join(assets_dir, "classifier")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from varq_jax.data import shapes
+from varq_jax import data
 from varq_jax.models.var import VAR, VARConfig
 from varq_jax.models.vqvae import VQVAE
 from varq_jax.train import export, loop, optim
@@ -28,7 +28,7 @@ def model_config(config) -> VARConfig:
     if m.width % m.heads:
         raise ValueError(f"VAR width {m.width} is not divisible by heads {m.heads}")
     return VARConfig(depth=m.depth, width=m.width, heads=m.heads, mlp_ratio=m.mlp_ratio,
-                     num_classes=shapes.NUM_CLASSES, vocab_size=config.vocab_size, cvae=config.cvae,
+                     num_classes=data.of_config(config).NUM_CLASSES, vocab_size=config.vocab_size, cvae=config.cvae,
                      patch_nums=tuple(config.patch_nums), attn_l2_norm=m.attn_l2_norm, shared_aln=m.shared_aln,
                      cond_drop_rate=config.var.cond_drop_rate)
 
@@ -108,6 +108,7 @@ def make_train_step(config, cfg: VARConfig, vae: VQVAE, vae_params, tx):
     tc = config.var
     model = VAR(cfg, jnp.dtype(tc.compute_dtype))
     base_key = jax.random.fold_in(jax.random.key(config.seed), 4)
+    dataset = data.of_config(config)
     last = cfg.patch_nums[-1] ** 2
 
     def loss_fn(params, labels, x_in, targets):
@@ -116,8 +117,8 @@ def make_train_step(config, cfg: VARConfig, vae: VQVAE, vae_params, tx):
         return loss, (acc, ce[:, -last:].mean())
 
     def train_step(state: loop.TrainState, vae_params):
-        indices = shapes.batch_indices(state.step, tc.batch_size, config.train_images)
-        images, labels = shapes.make_batch(config.seed, indices, image_size=config.image_size)
+        indices = dataset.batch_indices(state.step, tc.batch_size, config.train_images)
+        images, labels = dataset.make_batch(config.seed, indices, image_size=config.image_size)
         targets, x_in = tokens(vae, vae_params, images)
         drop = jax.random.uniform(jax.random.fold_in(base_key, state.step), labels.shape) < cfg.cond_drop_rate
         labels = jnp.where(drop, cfg.num_classes, labels)
@@ -137,10 +138,11 @@ def evaluate(config, cfg: VARConfig, params, vae: VQVAE, vae_params, num_images:
     """Teacher-forced CE and token accuracy on the test split (true labels), overall and per scale."""
     model = VAR(cfg, jnp.dtype(config.var.compute_dtype))
     batch = min(num_images, config.var.batch_size)
+    dataset = data.of_config(config)
 
     def run(params, vae_params, start):
-        images, labels = shapes.make_batch(config.seed, start + jnp.arange(batch, dtype=jnp.int32),
-                                           split="test", image_size=config.image_size)
+        images, labels = dataset.make_batch(config.seed, start + jnp.arange(batch, dtype=jnp.int32),
+                                            split="test", image_size=config.image_size)
         targets, x_in = tokens(vae, vae_params, images)
         logits = model.apply({"params": params}, labels, x_in)
         _, _, ce = cross_entropy(logits, targets)
@@ -175,5 +177,6 @@ def train_and_export(config, workdir: str) -> str:
     if tc.eval_images > 0:
         metrics = evaluate(config, cfg, export.as_float32(shipped), vae, vae_params, tc.eval_images)
     meta = {"steps": int(state.step), "seed": config.seed, "image_size": config.image_size,
+            "dataset": config.get("dataset", data.DEFAULT),
             "train_images": config.train_images, "compute_dtype": tc.compute_dtype, "eval": metrics}
     return export.save(os.path.join(workdir, STAGE, "export"), shipped, kind=STAGE, config=cfg, meta=meta)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from varq_jax.data import shapes
+from varq_jax import data
 from varq_jax.models.vqvae import VQVAE, VQVAEConfig
 from varq_jax.train import export, loop, optim
 
@@ -73,6 +73,7 @@ def make_train_step(config, model: VQVAE, tx):
     dead_cfg = tc.dead_code
     dead_until = int(dead_cfg.until * tc.num_steps)
     base_key = jax.random.fold_in(jax.random.key(config.seed), 2)
+    dataset = data.of_config(config)
 
     def loss_fn(params, images):
         recon, vq_loss, idx_list, inputs = model.apply({"params": params}, images, method=_train_forward)
@@ -82,8 +83,8 @@ def make_train_step(config, model: VQVAE, tx):
         return total, (l1, l2, vq_loss, idx_list, inputs)
 
     def train_step(state: loop.TrainState):
-        indices = shapes.batch_indices(state.step, tc.batch_size, config.train_images)
-        images, _ = shapes.make_batch(config.seed, indices, image_size=config.image_size)
+        indices = dataset.batch_indices(state.step, tc.batch_size, config.train_images)
+        images, _ = dataset.make_batch(config.seed, indices, image_size=config.image_size)
         (loss, (l1, l2, vq_loss, idx_list, inputs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, images)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -114,10 +115,11 @@ def evaluate(config, cfg: VQVAEConfig, params, num_images: int, dtype=jnp.bfloat
     """Reconstruction MSE/PSNR (full token pyramid, clipped output) and code usage on the test split."""
     model = VQVAE(cfg, dtype)
     batch = min(num_images, config.vqvae.batch_size)
+    dataset = data.of_config(config)
 
     def run(params, start):
-        images, _ = shapes.make_batch(config.seed, start + jnp.arange(batch, dtype=jnp.int32), split="test",
-                                      image_size=config.image_size)
+        images, _ = dataset.make_batch(config.seed, start + jnp.arange(batch, dtype=jnp.int32), split="test",
+                                       image_size=config.image_size)
         idx_list = model.apply({"params": params}, images, method=VQVAE.img_to_idx)
         recon = model.apply({"params": params}, idx_list, method=VQVAE.idx_to_img)
         used = jnp.stack([jnp.bincount(i.reshape(-1), length=cfg.vocab_size) > 0 for i in idx_list])
@@ -149,5 +151,6 @@ def train_and_export(config, workdir: str) -> str:
     if tc.eval_images > 0:
         metrics = evaluate(config, cfg, export.as_float32(shipped), tc.eval_images, jnp.dtype(tc.compute_dtype))
     meta = {"steps": int(state.step), "seed": config.seed, "image_size": config.image_size,
+            "dataset": config.get("dataset", data.DEFAULT),
             "train_images": config.train_images, "compute_dtype": tc.compute_dtype, "eval": metrics}
     return export.save(os.path.join(workdir, STAGE, "export"), shipped, kind=STAGE, config=cfg, meta=meta)
