@@ -6,7 +6,10 @@ block mode, XLA options) are flags of the CLI, not settings.
 import ml_collections
 
 
-def get_config():
+def get_config(arg: str = ""):
+    """arg "ablate": the ablation protocol's defaults (experiments.ablate: num_images is per seed)."""
+    if arg not in ("", "ablate"):
+        raise ValueError(f"unknown eval config argument {arg!r}; valid: '' or 'ablate'")
     c = ml_collections.ConfigDict()
     c.num_images = 0              # 0: num_per_class × the model's classes
     c.num_per_class = 50
@@ -20,4 +23,6 @@ def get_config():
     c.tasks = ("inpaint", "outpaint", "edit")      # zero-shot tasks (with --zero_shot)
     c.box = (0.25, 0.25, 0.75, 0.75)              # zero-shot box y0,x0,y1,x1 (fractions) unless the npz has boxes
     c.edit_class = 0              # target class of the edit task unless the npz has target_labels
+    if arg == "ablate":
+        c.num_images = 1000       # per seed of the protocol (experiments.ablate --seeds)
     return c

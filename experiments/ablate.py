@@ -1,15 +1,18 @@
 """The ablation table in one command: PTQ presets × methods on one checkpoint, evaluated alike, one RESULTS.md.
 
   python -m experiments.ablate --presets=w8a8,w6a6,w4a8,w4a6,w4a4 \\
-      --methods=baseline,brecq,brecq_sas,brecq_resample,full --eval.num_images=500 --out=RESULTS.md \\
-      --workdir=runs/ablate [--checkpoint DIR] [--config.recon.iters=1000 ...]
+      --methods=baseline,brecq,brecq_sas,brecq_resample,full --out=RESULTS.md \\
+      --workdir=runs/ablate [--checkpoint research] [--config.recon.iters=1000 ...]
 
   python -m experiments.ablate --merge=parts/a.json,parts/b.json --out=RESULTS.md   # one table from parts
 
 Without --checkpoint the embedded default model is used. --config.<field>=value overrides go to every PTQ config
 (checked against each preset's fields); the evaluation settings of every row are --eval.<field>=value
-(configs/eval.py: num_images, num_per_class, seed, cfg, top_k, top_p, num_real); paths and execution choices are
-flags. Runs whose outputs exist in --workdir are skipped; stopped ones resume.
+(configs/eval.py: num_images — 1,000 per seed by default —, cfg, top_k, top_p, num_real). The protocol
+(`varq_jax.runs.protocol`): every row on the same keys over --seeds, the FP model again over --noise_seeds (the
+noise floor), --replicates paired bootstrap replicates, one calibration set per --calib_seeds (+ --extra_calib)
+made in --calib_dtype and shared by the rows of that seed. Runs whose outputs exist in --workdir are skipped;
+stopped ones resume.
 The metrics are the in-project classifier's (class accuracy, Fréchet distances of its features), not FID.
 """
 import os
@@ -22,7 +25,7 @@ from ml_collections import config_flags
 from varq_jax import cli
 
 FLAGS = flags.FLAGS
-EVAL_SETTINGS = os.path.join(cli.CONFIG_DIR, "eval.py")
+EVAL_SETTINGS = os.path.join(cli.CONFIG_DIR, "eval.py") + ":ablate"   # 1,000 images per seed
 RENAMED = ("num_images", "seed", "cfg", "top_k", "top_p", "num_real")
 COMMAND_ARGS = list(sys.argv[1:])   # as typed, for the results' record
 if __name__ == "__main__":          # before the config flag reads its --eval.* overrides
@@ -40,6 +43,14 @@ flags.DEFINE_integer("per_device_batch", 16, "images per device per generation s
 flags.DEFINE_integer("feature_batch", 32, "images per device per step of feature extraction")
 flags.DEFINE_string("classifier", None, "exported shapes classifier (default: the embedded one)")
 flags.DEFINE_integer("diag_samples", 8, "calibration samples of the A·V error diagnostic (0: skip it)")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "protocol: sampling seeds of every row (--eval.num_images images each)")
+flags.DEFINE_list("noise_seeds", ["3", "4", "5"], "protocol: the FP model again with these seeds, the noise-floor row "
+                  "(empty: none)")
+flags.DEFINE_integer("replicates", 2000, "protocol: paired bootstrap replicates (0: no intervals)")
+flags.DEFINE_list("calib_seeds", ["2025"], "protocol: calibration seeds of every preset (one shared set each)")
+flags.DEFINE_list("extra_calib", ["w4a4:2026"], "protocol: more calibration seeds for some presets, PRESET:SEED[+SEED]")
+flags.DEFINE_enum("calib_dtype", "float32", ["float32", "bfloat16", "auto"], "protocol: dtype of the shared "
+                  "calibration sets' sampler (float32: HIGHEST matmul precision, as the official)")
 flags.DEFINE_list("merge", None, "instead of running: merge these ablation JSONs (invocations that ran side by side on "
                   "one --workdir, e.g. one per GPU) into --out; the A·V diagnostic is recomputed on --checkpoint")
 
@@ -60,13 +71,34 @@ def main(argv):
     if FLAGS.merge:
         result = _merge(command)
     else:
-        if e.num_images < 0 or (e.num_images == 0 and e.num_per_class <= 0):
-            raise ValueError(f"eval.num_images must be positive (or 0 with eval.num_per_class > 0), got "
-                             f"{e.num_images} / {e.num_per_class}")
+        if e.num_images <= 0:
+            raise ValueError(f"eval.num_images (images per seed) must be positive, got {e.num_images}")
         plan = cli.ablation_plan(FLAGS.presets, FLAGS.methods, cli.parse_override_args(_OVERRIDES))
         result = ablation.run_ablation(plan, config, FLAGS.workdir, FLAGS.out, checkpoint=FLAGS.checkpoint,
-                                       diag_samples=FLAGS.diag_samples, command=command)
+                                       diag_samples=FLAGS.diag_samples, command=command, protocol=_protocol(e))
     print("\n".join(results_table.table(result["rows"])))
+
+
+def _protocol(e):
+    from varq_jax.runs.protocol import Protocol
+    def ints(name, values):
+        try:
+            return tuple(int(v) for v in values)
+        except ValueError:
+            raise ValueError(f"{name} takes integers, got {','.join(values)!r}") from None
+    extra = []
+    for item in FLAGS.extra_calib:
+        preset, sep, seeds = item.partition(":")
+        if not sep or not seeds:
+            raise ValueError(f"--extra_calib takes PRESET:SEED[+SEED], got {item!r}")
+        extra.append((preset, ints("--extra_calib", seeds.split("+"))))
+    unknown = [p for p, _ in extra if p not in FLAGS.presets]
+    if unknown:
+        raise ValueError(f"--extra_calib names preset {unknown[0]!r}, which is not in --presets")
+    return Protocol(seeds=ints("--seeds", FLAGS.seeds), images_per_seed=e.num_images,
+                    noise_seeds=ints("--noise_seeds", FLAGS.noise_seeds), replicates=FLAGS.replicates,
+                    calib_seeds=ints("--calib_seeds", FLAGS.calib_seeds), extra_calib=tuple(extra),
+                    calib_dtype=FLAGS.calib_dtype)
 
 
 def _merge(command: str) -> dict:
@@ -86,9 +118,11 @@ def _merge(command: str) -> dict:
             raise ValueError(f"{path!r} is not an ablation result (no rows/diagnostics)")
     if not FLAGS.out.endswith(".md"):
         raise ValueError(f"out must be a markdown file (.md), got {FLAGS.out!r}")
+    from varq_jax.runs import protocol
+    values = [protocol.load_values(protocol.values_path(path)) for path in FLAGS.merge]
     ck = default_model.load_model(FLAGS.checkpoint) if FLAGS.diag_samples > 0 else None
-    result = ablation.merge(parts, ck=ck, workdir=FLAGS.workdir, diag_samples=FLAGS.diag_samples, command=command,
-                            method_order=cli.METHODS, make_plan=cli.ablation_plan)
+    result = ablation.merge(parts, values=values, ck=ck, workdir=FLAGS.workdir, diag_samples=FLAGS.diag_samples,
+                            command=command, method_order=cli.METHODS, make_plan=cli.ablation_plan)
     results_table.write(FLAGS.out, result)
     print(f"wrote {FLAGS.out} and {FLAGS.out[:-3]}.json")
     return result

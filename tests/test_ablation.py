@@ -24,7 +24,11 @@ from varq_jax.models.var import VAR
 from varq_jax.models.vqvae import VQVAE
 from varq_jax import cli
 from varq_jax.quant import calibration, diagnostics, pipeline
+from varq_jax.eval import evaluate as ev
+from varq_jax.eval import metrics
 from varq_jax.runs import ablation, results_table
+from varq_jax.runs import protocol as protocol_lib
+from varq_jax.runs.protocol import NOISE_ROW, Protocol
 from varq_jax.quant.policy import QuantPolicy
 from varq_jax.train import export
 from configs import ptq
@@ -48,47 +52,105 @@ def inputs(tmp_path_factory):
     return root
 
 
+PROTOCOL = Protocol(seeds=(0, 1), images_per_seed=10, noise_seeds=(2, 3), replicates=200,
+                    extra_calib=(("w4a6", (2026,)),))
+NAMES = ["fp", NOISE_ROW, "w4a6_baseline", "w4a6_baseline_c2026", "w4a6_brecq", "w4a6_brecq_c2026"]
+
+
+def _ablate(root, out="RESULTS.md", log=None, **kwargs):
+    return ablation.run_ablation(cli.ablation_plan(["w4a6"], ["baseline", "brecq"], OVERRIDES),
+                                 dataclasses.replace(EVAL, classifier=str(root / "clf")), str(root / "wd"),
+                                 str(root / out), checkpoint=str(root / "model"), diag_samples=2, command="test",
+                                 protocol=PROTOCOL, log=log or (lambda s: None), **kwargs)
+
+
 @pytest.fixture(scope="module")
 def ablation_run(inputs):
     logs = []
-    result = ablation.run_ablation(cli.ablation_plan(["w4a6"], ["baseline", "brecq"], OVERRIDES),
-                                   dataclasses.replace(EVAL, classifier=str(inputs / "clf")), str(inputs / "wd"),
-                                   str(inputs / "RESULTS.md"), checkpoint=str(inputs / "model"),
-                                   diag_samples=2, command="test", log=logs.append)
+    result = _ablate(inputs, log=logs.append)
     return inputs, result, logs
+
+
+def _pooled(root, name, seeds=PROTOCOL.seeds):
+    run_dir = root / "wd" / ("fp" if name in ("fp", NOISE_ROW) else name)
+    return protocol_lib.pooled([ev.load_per_image(str(run_dir / f"eval_s{s}" / ev.PER_IMAGE)) for s in seeds])
 
 
 def test_table_rows_are_the_runs_own_results(ablation_run):
     root, result, _ = ablation_run
     rows = json.load(open(root / "RESULTS.json"))["rows"]
     assert rows == result["rows"]
-    assert [r["name"] for r in rows] == ["fp", "w4a6_baseline", "w4a6_brecq"]
+    assert [r["name"] for r in rows] == NAMES
+    fp = _pooled(root, "fp")
     for r in rows:
-        ev = json.load(open(root / "wd" / r["name"] / "eval" / "results.json"))
-        m = ev["metrics"]
-        assert r["num_images"] == ev["samples"]["num_images"] == 20
-        assert r["class_accuracy"] == m["class_accuracy"] and r["fd_real"] == m["fd_classifier_real"]
-        assert r["fd_fp"] == m.get("fd_classifier_vs_ref_samples")
+        seeds = PROTOCOL.noise_seeds if r["name"] == NOISE_ROW else PROTOCOL.seeds
+        data = _pooled(root, r["name"], seeds)
+        assert r["num_images"] == len(data["correct"]) == 20
+        assert r["class_accuracy"] == pytest.approx(np.mean(data["correct"]))
+        i = r["intervals"]["class_accuracy"]
+        assert i["low"] <= r["class_accuracy"] <= i["high"]
         if r["name"] == "fp":
             assert r["fd_fp"] is None and r["ptq_s"] is None
             continue
+        # FD to FP on the pooled images, against an independent implementation (scipy's sqrtm)
+        assert r["fd_fp"] == pytest.approx(metrics.frechet_distance(data["features"], fp["features"]), rel=1e-6)
+        if r["name"] == NOISE_ROW:
+            continue
         rep = json.load(open(root / "wd" / r["name"] / "ptq" / "report.json"))
-        assert ev["references"]["ref_samples"] == str(root / "wd" / "fp" / "eval" / "samples.npz")
+        for s in PROTOCOL.seeds:
+            e = json.load(open(root / "wd" / r["name"] / f"eval_s{s}" / "results.json"))
+            assert e["references"]["ref_samples"] == str(root / "wd" / "fp" / f"eval_s{s}" / "samples.npz")
+            assert e["samples"]["seed"] == s and e["samples"]["num_images"] == 10
         assert r["bops_quantized"] == rep["bops"]["quantized"]
-        assert r["bops_with_sas"] == rep["bops"]["quantized_with_sas"]
         assert r["ptq_s"] == rep["stages"]["total"] and r["theta"] == rep.get("theta") is None
         assert (r["w_bits"], r["a_bits"]) == (4, 6) == (rep["config"]["w_bits"], rep["config"]["a_bits"])
         assert rep["config"]["recon"]["iters"] == 5 and rep["config"]["calib"]["num_samples"] == 4   # overrides
+        assert rep["config"]["calib"]["seed"] == r["calib_seed"] and rep["config"]["calib"]["dtype"] == "float32"
         assert ("reconstruction" in rep) == (r["method"] == "brecq")
     md = (root / "RESULTS.md").read_text()
     assert "not FID" in md and "Command: `test`" in md and "RANDOM WEIGHTS" in md
     table = [line for line in md.splitlines() if line.startswith("| FP |") or line.startswith("| W4A6 |")]
-    assert len(table) == 3
+    assert len(table) == len(rows)
     for line, r in zip(table, rows):
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[1] == r["method"] and cells[2] == f"{r['class_accuracy']:.4f}"
-        assert cells[3] == f"{r['fd_real']:.4g}" and cells[5] == f"{r['bops_quantized'] / 1e9:.3f} G"
-        assert cells[9] == f"{r['eval_s']:.1f}"
+        i = r["intervals"]["class_accuracy"]
+        assert cells[1] == r["method"] and cells[2] == ("–" if r["calib_seed"] is None else str(r["calib_seed"]))
+        assert cells[3] == f"{r['class_accuracy']:.4f} [{i['low']:.4f}, {i['high']:.4f}]"
+        assert cells[6] == f"{r['bops_quantized'] / 1e9:.3f} G" and cells[10] == f"{r['eval_s']:.1f}"
+
+
+def test_rows_of_a_calibration_seed_share_one_calibration_set(ablation_run):
+    root, result, _ = ablation_run
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["w4a6_baseline"]["calibration"] == rows["w4a6_brecq"]["calibration"]
+    assert rows["w4a6_baseline_c2026"]["calibration"] == rows["w4a6_brecq_c2026"]["calibration"]
+    assert rows["w4a6_baseline"]["calibration"] != rows["w4a6_baseline_c2026"]["calibration"]
+    rep = json.load(open(root / "wd" / "w4a6_brecq" / "ptq" / "report.json"))
+    assert rep["config"]["calibration_from"].startswith(str(root / "wd" / "w4a6_baseline" / "ptq"))
+    md = (root / "RESULTS.md").read_text()
+    assert f"seed 2025: {rows['w4a6_baseline']['calibration'][:12]}" in md and "float32" in md
+
+
+def test_intervals_are_a_numpy_bootstrap_over_image_indices(ablation_run):
+    """The stored bootstrap values against a plain NumPy bootstrap of the same indices (scipy's FD)."""
+    root, result, _ = ablation_run
+    values = protocol_lib.load_values(protocol_lib.values_path(str(root / "RESULTS.md")))
+    data, fp = _pooled(root, "w4a6_brecq"), _pooled(root, "fp")
+    idx = np.random.default_rng(PROTOCOL.bootstrap_seed).integers(0, 20, size=(PROTOCOL.replicates, 20))
+    acc = data["correct"][idx].mean(1)
+    np.testing.assert_allclose(values["w4a6_brecq"]["class_accuracy"][1], acc, atol=1e-12)
+    row = next(r for r in result["rows"] if r["name"] == "w4a6_brecq")
+    lo, hi = np.percentile(acc, [2.5, 97.5])
+    assert row["intervals"]["class_accuracy"]["low"] == pytest.approx(lo)
+    assert row["intervals"]["class_accuracy"]["high"] == pytest.approx(hi)
+    for k in (0, 7):
+        fd = metrics.frechet_distance(data["features"][idx[k]], fp["features"][idx[k]])
+        assert values["w4a6_brecq"]["fd_fp"][1][k] == pytest.approx(fd, rel=1e-5)
+    c = next(c for c in result["comparisons"] if c["what"] == "reconstruction" and c["metric"] == "class_accuracy"
+             and c["calib_seed"] == 2025)
+    base = _pooled(root, "w4a6_baseline")["correct"][idx].mean(1)
+    d = acc - base
+    assert (c["low"], c["high"]) == pytest.approx(tuple(np.percentile(d, [2.5, 97.5])))
 
 
 def test_diagnostics_and_findings_in_the_results(ablation_run):
@@ -97,10 +159,11 @@ def test_diagnostics_and_findings_in_the_results(ablation_run):
     assert d["a_bits"] == 6 and d["theta"] > 0 and d["tokens_from"] == "w4a6_baseline"
     assert len(d["plain"]) == len(d["shift_and_sum"]) == 3
     assert result["diagnostics"]["frequency_mismatch"] == []            # neither method resamples
-    base, brecq = result["rows"][1:]
-    line = next(f for f in result["findings"] if "reconstruction (baseline → brecq)" in f)
-    word = lambda a, b: "equal" if a == b else ("better" if b < a else "worse")
-    assert f"FD to FP {base['fd_fp']:.4g} → {brecq['fd_fp']:.4g} ({word(base['fd_fp'], brecq['fd_fp'])})" in line
+    tested = [c for c in result["comparisons"] if c["p_holm"] is not None]
+    assert len(tested) == 2 * 3 + 4                 # reconstruction × 3 metrics × 2 calib seeds, 4 rows against FP
+    assert f"{len(tested)} comparisons are stated below" in result["findings"][0]
+    assert any(f.startswith("Noise floor: two FP sets of 20 images") for f in result["findings"])
+    assert any("over 2 calibration seeds" in f for f in result["findings"])
     md = (root / "RESULTS.md").read_text()
     assert "## What the numbers show" in md and "A·V relative L2 error per scale, A6" in md
 
@@ -108,42 +171,43 @@ def test_diagnostics_and_findings_in_the_results(ablation_run):
 def test_second_call_skips_finished_runs_and_a_changed_config_is_refused(ablation_run):
     root, result, _ = ablation_run
     logs = []
-    again = ablation.run_ablation(cli.ablation_plan(["w4a6"], ["baseline", "brecq"], OVERRIDES),
-                                  dataclasses.replace(EVAL, classifier=str(root / "clf")), str(root / "wd"),
-                                  str(root / "RESULTS2.md"), checkpoint=str(root / "model"),
-                                  diag_samples=2, command="test", log=logs.append)
-    assert again["rows"] == result["rows"]
-    assert sum("skipped" in s for s in logs) == 5               # fp eval, 2 × (PTQ, eval)
+    again = _ablate(root, "RESULTS2.md", log=logs.append)
+    assert again["rows"] == result["rows"] and again["comparisons"] == result["comparisons"]
+    assert sum("skipped" in s for s in logs) == 4 + 4 * 3        # fp and noise evals; 4 × (PTQ, 2 evals)
     with pytest.raises(ValueError, match="another config"):
         ablation.run_ablation(cli.ablation_plan(["w4a6"], ["brecq"], {**OVERRIDES, "recon.iters": "6"}),
                               dataclasses.replace(EVAL, classifier=str(root / "clf")), str(root / "wd"),
-                              str(root / "R3.md"), checkpoint=str(root / "model"), log=lambda s: None)
+                              str(root / "R3.md"), checkpoint=str(root / "model"), protocol=PROTOCOL,
+                              log=lambda s: None)
     assert not (root / "R3.md").exists()
 
 
 def _split(result: dict) -> list:
-    """The one-invocation result as two parts, as two invocations side by side on its workdir would write them."""
-    fp, *runs = result["rows"]
-    parts = []
-    for i, r in enumerate(runs):
-        p = json.loads(json.dumps(result))
-        p.update(rows=[fp, r], presets=[r["preset"]], methods=[r["method"]], command=f"part {i}",
+    """The one-invocation result as two parts (one method each), as two invocations on its workdir would write them:
+    (parts, their bootstrap values)."""
+    fp_rows = [r for r in result["rows"] if r["preset"] == "fp"]
+    parts, values = [], []
+    for i, method in enumerate(["baseline", "brecq"]):
+        rows = [r for r in result["rows"] if r["method"] == method]
+        p = json.loads(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}))
+        p.update(rows=fp_rows + rows, presets=["w4a6"], methods=[method], command=f"part {i}",
                  diagnostics={"av_error": result["diagnostics"]["av_error"] if i == 0 else [],
                               "frequency_mismatch": []})
         parts.append(p)
-    return parts[::-1]                                           # given out of order
+        values.append({k: v for k, v in result["_values"].items() if k in {r["name"] for r in fp_rows + rows}})
+    return parts[::-1], values[::-1]                             # given out of order
 
 
 def test_merged_parts_give_the_one_invocation_table(ablation_run):
     root, result, _ = ablation_run
-    parts = _split(result)
-    merged = ablation.merge(parts, command="merge", method_order=cli.METHODS)
-    assert merged["rows"] == result["rows"]
+    parts, values = _split(result)
+    merged = ablation.merge(parts, values=values, command="merge", method_order=cli.METHODS)
+    assert merged["rows"] == result["rows"] and merged["comparisons"] == result["comparisons"]
     assert merged["diagnostics"] == result["diagnostics"] and merged["findings"] == result["findings"]
     assert [p["command"] for p in merged["parts"]] == ["part 1", "part 0"]
     ck = checkpoint.load(str(root / "model"))           # the A·V diagnostic recomputed at the merge: same tokens, θ
-    again = ablation.merge(parts, ck=ck, workdir=str(root / "wd"), diag_samples=2, method_order=cli.METHODS,
-                           make_plan=cli.ablation_plan, log=lambda s: None)
+    again = ablation.merge(parts, values=values, ck=ck, workdir=str(root / "wd"), diag_samples=2,
+                           method_order=cli.METHODS, make_plan=cli.ablation_plan, log=lambda s: None)
     assert again["diagnostics"]["av_error"] == result["diagnostics"]["av_error"]
     results_table.write(str(root / "MERGED.md"), merged)
     md = (root / "MERGED.md").read_text()
@@ -154,7 +218,7 @@ def test_merged_parts_give_the_one_invocation_table(ablation_run):
 
 def test_merge_refuses_parts_that_do_not_belong_together(ablation_run):
     _, result, _ = ablation_run
-    a, b = _split(result)
+    (a, b), _ = _split(result)
     with pytest.raises(ValueError, match="differs from part 0 in num_images"):
         ablation.merge([a, {**b, "num_images": 21}])
     b_fp = json.loads(json.dumps(b))
@@ -170,9 +234,10 @@ def test_merge_refuses_parts_that_do_not_belong_together(ablation_run):
 def test_cli_merge_writes_the_table_and_rejects_a_bad_file(ablation_run, tmp_path):
     _, result, _ = ablation_run
     files = []
-    for i, p in enumerate(_split(result)):
+    for i, (p, v) in enumerate(zip(*_split(result))):
         files.append(tmp_path / f"p{i}.json")
         files[-1].write_text(json.dumps(p))
+        protocol_lib.save_values(protocol_lib.values_path(str(tmp_path / f"p{i}.md")), v)
     run = lambda *args: subprocess.run([sys.executable, "-m", "experiments.ablate", *args], cwd=ROOT,
                                        capture_output=True, text=True, timeout=300)
     r = run(f"--merge={files[0]},{files[1]}", f"--out={tmp_path}/R.md", "--diag_samples=0")
@@ -195,7 +260,7 @@ def test_cli_merge_writes_the_table_and_rejects_a_bad_file(ablation_run, tmp_pat
 def test_bad_names_fail_before_any_work(tmp_path, presets, methods, overrides, message):
     with pytest.raises(ValueError, match=message):
         ablation.run_ablation(cli.ablation_plan(presets, methods, overrides), EVAL, str(tmp_path / "wd"),
-                              str(tmp_path / "R.md"), log=lambda s: None)
+                              str(tmp_path / "R.md"), protocol=PROTOCOL, log=lambda s: None)
     assert not (tmp_path / "wd").exists() and not (tmp_path / "R.md").exists()
 
 

@@ -47,3 +47,56 @@ def test_holm_adjusts_as_the_step_down_procedure():
     d = paired.Interval(0.1, 0.05, 0.15, p=0.02)
     assert paired.verdict("x", d, False, adjusted_p=0.08).endswith("no measurable difference")
     assert paired.verdict("x", d, False, adjusted_p=0.03).endswith(": better")
+
+
+# --- the protocol's comparisons and their wording ----------------------------------------------------------------
+def _rows_and_values():
+    """Three synthetic rows on 400 paired images: brecq clearly more accurate than baseline, full the same as brecq."""
+    from varq_jax.runs import protocol
+    rng = np.random.default_rng(0)
+    n = 400
+    base = rng.random(n) < 0.6
+    better = base | (rng.random(n) < 0.5)                       # flips about half the misses to hits
+    same = better.copy()
+    same[:4] = ~same[:4]                                        # four images differ either way
+    feats = rng.normal(size=(n, 4))
+    sets = {"fp": {"correct": rng.random(n) < 0.9, "features": feats},
+            "w4a4_baseline": {"correct": base, "features": feats + 0.5},
+            "w4a4_brecq": {"correct": better, "features": feats + 0.2},
+            "w4a4_full": {"correct": same, "features": feats + 0.2}}
+    rows = [{"name": "fp", "preset": "fp", "method": "–", "w_bits": None, "a_bits": None}] + [
+        {"name": f"w4a4_{m}", "preset": "w4a4", "method": m, "w_bits": 4, "a_bits": 4, "calib_seed": 2025}
+        for m in ("baseline", "brecq", "full")]
+    p = protocol.Protocol(replicates=500, images_per_seed=n // 3 + 1)
+    values = protocol.bootstrap(sets, None, "fp", p)
+    return rows, values, p
+
+
+def test_comparisons_call_only_what_the_intervals_allow():
+    from varq_jax.runs import protocol
+    rows, values, p = _rows_and_values()
+    comps = protocol.comparisons(rows, values)
+    by = {(c["what"], c["metric"]): c for c in comps if c["what"] != "against FP"}
+    rec = by[("reconstruction", "class_accuracy")]
+    assert rec["low"] > 0 and rec["verdict"] == "better"               # brecq gains, the interval excludes 0
+    both = by[("both", "class_accuracy")]
+    assert both["low"] <= 0 <= both["high"] and both["verdict"] == "no measurable difference"
+    assert by[("reconstruction", "fd_fp")]["verdict"] == "better"      # lower FD to FP is better
+    tested = [c for c in comps if c["p"] is not None]
+    np.testing.assert_allclose([c["p_holm"] for c in tested], paired.holm([c["p"] for c in tested]))
+    lines = protocol.findings(rows, comps, p)
+    assert lines[0].startswith(f"{len(tested)} comparisons are stated below") and "Holm-adjusted" in lines[0]
+    assert any("W4A4, calib seed 2025, both (brecq → full): class accuracy" in s
+               and s.endswith("no measurable difference.") for s in lines)
+
+
+def test_protocol_refuses_bad_settings():
+    from varq_jax.runs import protocol
+    with pytest.raises(ValueError, match="differ from the seeds"):
+        protocol.Protocol(seeds=(0, 1), noise_seeds=(1, 2))
+    with pytest.raises(ValueError, match="one noise seed with each seed"):
+        protocol.Protocol(seeds=(0, 1, 2), noise_seeds=(3,))
+    assert protocol.Protocol().calib_seeds_of("w4a4") == (2025, 2026)
+    assert protocol.Protocol().calib_seeds_of("w8a8") == (2025,)
+    p = protocol.Protocol(extra_calib=(("w4a6", (7, 8)),))
+    assert protocol.from_dict(p.to_dict()) == p

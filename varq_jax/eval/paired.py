@@ -120,3 +120,76 @@ def verdict(name: str, d: Interval, lower_is_better: bool, adjusted_p: Optional[
     if not d.excludes_zero or (adjusted_p is not None and adjusted_p >= 1 - LEVEL):
         return text + ": no measurable difference"
     return text + (": better" if (d.estimate < 0) == lower_is_better else ": worse")
+
+
+# --- many sets at once: per-replicate values, shared by every comparison ------------------------------------------
+def interval_of(estimate: float, values: np.ndarray, level: float = LEVEL) -> Interval:
+    """A point estimate with the percentile interval of its bootstrap values."""
+    return Interval(float(estimate), *_percentiles(np.asarray(values), level))
+
+
+def difference_of(estimate_a: float, values_a: np.ndarray, estimate_b: float, values_b: np.ndarray,
+                  level: float = LEVEL) -> Interval:
+    """b − a from per-replicate values computed on the same indices (what `difference` computes, from stored
+    values: tables made in parts compare rows whose replicates were computed apart)."""
+    d = np.asarray(values_b, np.float64) - np.asarray(values_a, np.float64)
+    r = len(d)
+    p = min(1.0, 2 * min((np.sum(d <= 0) + 1) / (r + 1), (np.sum(d >= 0) + 1) / (r + 1)))
+    return Interval(float(estimate_b - estimate_a), *_percentiles(d, level), p=float(p))
+
+
+def _weighted_stats(x: np.ndarray, counts: np.ndarray):
+    """Mean and unbiased covariance of the rows of x repeated counts[i] times."""
+    n = counts.sum()
+    mu = counts @ x / n
+    second = (x.T * counts) @ x
+    return mu, (second - n * np.outer(mu, mu)) / (n - 1)
+
+
+def _sqrt_psd(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def _frechet_with_root(mu1, s1, mu2, s2, root2) -> float:
+    """tr √(Σ₁Σ₂) = Σ √λ(√Σ₂ Σ₁ √Σ₂), a symmetric eigenproblem (faster and steadier than eigvals of Σ₁Σ₂)."""
+    eig = np.linalg.eigvalsh(root2 @ s1 @ root2)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(np.clip(eig, 0, None))))
+
+
+def set_replicates(sets: dict, reference: Optional[np.ndarray], paired_with: Optional[str],
+                   indices: np.ndarray) -> dict:
+    """For named sets of one image list ({name: {"correct": [n] bool, "features": [n, D]}}), every metric on all
+    images and on each replicate of `indices` (the same image indices for every set):
+      class_accuracy; fd_real, the Fréchet distance to the fixed `reference` features (real images, not
+      resampled); fd_fp, the Fréchet distance to set `paired_with` (the FP model's images of the same keys),
+      both sets resampled together.
+    Returns {name: {metric: (estimate, values [R])}}."""
+    n = indices.shape[1]
+    names = list(sets)
+    for name in names:
+        _check([sets[name]["correct"], sets[name]["features"]], n)
+    feats = {k: np.asarray(sets[k]["features"], np.float64) for k in names}
+    correct = {k: np.asarray(sets[k]["correct"], np.float64) for k in names}
+    ref = None
+    if reference is not None:
+        mu_r, s_r = _stats(reference)
+        ref = (mu_r, s_r, _sqrt_psd(s_r))
+
+    def one(counts):
+        out = {}
+        stats = {k: _weighted_stats(feats[k], counts) for k in names}
+        root_fp = _sqrt_psd(stats[paired_with][1]) if paired_with is not None else None
+        for k in names:
+            m = {"class_accuracy": float(counts @ correct[k] / n)}
+            if ref is not None:
+                m["fd_real"] = _frechet_with_root(*stats[k], ref[0], ref[1], ref[2])
+            if paired_with is not None and k != paired_with:
+                m["fd_fp"] = _frechet_with_root(*stats[k], *stats[paired_with], root_fp)
+            out[k] = m
+        return out
+
+    full = one(np.ones(n))
+    reps = [one(np.bincount(idx, minlength=n).astype(np.float64)) for idx in indices]
+    return {k: {m: (full[k][m], np.array([r[k][m] for r in reps])) for m in full[k]} for k in names}

@@ -28,7 +28,9 @@ from varq_jax.eval import metrics
 from varq_jax.quant import calibration, diagnostics, pipeline, state, theta as theta_lib
 from varq_jax.checkpoint import read_state
 from varq_jax.runs import ptq as ptq_run, quantize as quantize_run
-from varq_jax.runs.results_table import findings, write
+from varq_jax.runs import protocol as protocol_lib
+from varq_jax.runs.protocol import NOISE_ROW, Protocol
+from varq_jax.runs.results_table import diagnostic_findings, write
 
 SAS_METHODS = ("full", "brecq_sas")                 # runs whose θ the A·V diagnostic uses, in this order
 EVAL_TIME = "eval_time.json"
@@ -38,10 +40,15 @@ class Run:
     preset: str
     method: str
     config: Any                                    # the PTQ ConfigDict, overrides applied
+    calib_seed: Optional[int] = None               # set by the protocol (None: the config's own)
+    first_calib_seed: Optional[int] = None
 
     @property
     def name(self) -> str:
-        return f"{self.preset}_{self.method}"
+        base = f"{self.preset}_{self.method}"
+        if self.calib_seed is None or self.first_calib_seed in (None, self.calib_seed):
+            return base
+        return f"{base}_c{self.calib_seed}"
 
 
 @dataclasses.dataclass
@@ -72,7 +79,7 @@ def check_runs(runs: Sequence[Run], var_cfg, workdir: str) -> None:
 
 
 # --- one run ----------------------------------------------------------------------------------------------------
-def _ptq(run: Run, checkpoint: Optional[str], run_dir: str, log: Callable) -> dict:
+def _ptq(run: Run, checkpoint: Optional[str], run_dir: str, log: Callable, calibration: Optional[str] = None) -> dict:
     ptq_dir = os.path.join(run_dir, "ptq")
     report_path = os.path.join(ptq_dir, "report.json")
     if os.path.exists(report_path) and os.path.isdir(os.path.join(ptq_dir, "model")):
@@ -82,7 +89,7 @@ def _ptq(run: Run, checkpoint: Optional[str], run_dir: str, log: Callable) -> di
     os.makedirs(run_dir, exist_ok=True)
     # before any work: a resumed run must match it
     atomic_write(os.path.join(run_dir, PTQ_CONFIG), json.dumps(_json_config(run.config), indent=1))
-    quantize_run.quantize_command(run.config, checkpoint, ptq_dir, log=log)
+    quantize_run.quantize_command(run.config, checkpoint, ptq_dir, log=log, calibration=calibration)
     return json.load(open(report_path))        # what was written (JSON types), as a skipped run would read it
 
 
@@ -95,14 +102,17 @@ def _eval_reusable(results: dict, config: ev.EvalConfig, num_images: int, vocab_
 
 
 def _evaluate(checkpoint: Optional[str], run_dir: str, config: ev.EvalConfig, res: ev.Resources, num_images: int,
-              vocab_size: int, mesh, log: Callable, model=None):
-    """results.json of the run's evaluation (reused when it matches the settings) and its wall time."""
-    out_dir = os.path.join(run_dir, "eval")
-    results_path, time_path = os.path.join(out_dir, ev.RESULTS), os.path.join(run_dir, EVAL_TIME)
-    if os.path.exists(results_path) and os.path.exists(time_path):
+              vocab_size: int, mesh, log: Callable, model=None, name: str = "eval"):
+    """results.json of the run's evaluation in run_dir/name (reused when it matches the settings) and its wall
+    time."""
+    out_dir = os.path.join(run_dir, name)
+    results_path, time_path = os.path.join(out_dir, ev.RESULTS), os.path.join(out_dir, EVAL_TIME)
+    per_image = os.path.join(out_dir, ev.PER_IMAGE)
+    if os.path.exists(results_path) and os.path.exists(time_path) and (res.classifier is None
+                                                                       or os.path.exists(per_image)):
         results = json.load(open(results_path))
         if _eval_reusable(results, config, num_images, vocab_size):
-            log(f"[{os.path.basename(run_dir)}] evaluation outputs exist: skipped")
+            log(f"[{os.path.basename(run_dir)}/{name}] evaluation outputs exist: skipped")
             return results, json.load(open(time_path))["seconds"]
     t = time.perf_counter()
     ev.evaluate(checkpoint, out_dir, config, mesh=mesh, resources=res, model=model, log=log)
@@ -111,18 +121,22 @@ def _evaluate(checkpoint: Optional[str], run_dir: str, config: ev.EvalConfig, re
     return json.load(open(results_path)), seconds
 
 
-def _row(name: str, preset: str, method: str, results: dict, eval_s: float, report: Optional[dict],
-         w_bits=None, a_bits=None, bops=None) -> dict:
-    m = results.get("metrics", {})
+def _row(name: str, preset: str, method: str, results: Sequence[dict], eval_s: float, report: Optional[dict],
+         w_bits=None, a_bits=None, bops=None, calib_seed=None) -> dict:
+    """A table row from its per-seed evaluations (metrics: their mean until the bootstrap sets the pooled ones)."""
+    def mean(key):
+        v = [r.get("metrics", {}).get(key) for r in results]
+        return None if any(x is None for x in v) else float(np.mean(v))
     row = {"name": name, "preset": preset, "method": method, "w_bits": w_bits, "a_bits": a_bits,
-           "class_accuracy": m.get("class_accuracy"), "fd_real": m.get("fd_classifier_real"),
-           "fd_fp": m.get("fd_classifier_vs_ref_samples"), "eval_s": eval_s,
-           "num_images": results["samples"]["num_images"]}
+           "calib_seed": calib_seed, "class_accuracy": mean("class_accuracy"), "fd_real": mean("fd_classifier_real"),
+           "fd_fp": mean("fd_classifier_vs_ref_samples"), "eval_s": eval_s,
+           "num_images": sum(r["samples"]["num_images"] for r in results), "intervals": {}}
     if report is not None:
         row.update(bops_quantized=report["bops"]["quantized"], bops_with_sas=report["bops"]["quantized_with_sas"],
-                   theta=report.get("theta"), ptq_s=report["stages"]["total"])
+                   theta=report.get("theta"), ptq_s=report["stages"]["total"],
+                   calibration=report.get("fingerprints", {}).get("calibration"))
     else:
-        row.update(bops_quantized=bops, bops_with_sas=None, theta=None, ptq_s=None)
+        row.update(bops_quantized=bops, bops_with_sas=None, theta=None, ptq_s=None, calibration=None)
     return row
 
 
@@ -192,12 +206,50 @@ def environment() -> dict:
             "jax": jax.__version__}
 
 
+def protocol_runs(plan: Plan, protocol: Protocol) -> List[Run]:
+    """The plan's runs on every calibration seed the protocol gives their preset, each config set to make (or
+    share) that seed's calibration set in the protocol's dtype."""
+    runs = []
+    for r in plan.runs:
+        for cs in protocol.calib_seeds_of(r.preset):
+            config = r.config.copy_and_resolve_references()
+            config.calib.seed, config.calib.dtype = cs, protocol.calib_dtype
+            runs.append(dataclasses.replace(r, config=config, calib_seed=cs,
+                                            first_calib_seed=protocol.calib_seeds[0]))
+    return runs
+
+
+def _evaluate_seeds(checkpoint, run_dir, config, res, protocol: Protocol, seeds, vocab, mesh, log, model=None,
+                    ref_dirs=None):
+    """The row's sets, one per seed (run_dir/eval_s<seed>): (per-image data pooled in seed order, results per
+    seed, seconds)."""
+    per_image, results, seconds = [], [], 0.0
+    for i, seed in enumerate(seeds):
+        c = dataclasses.replace(config, seed=seed, num_images=protocol.images_per_seed,
+                                ref_samples=None if ref_dirs is None else os.path.join(ref_dirs[i], "samples.npz"))
+        res.ref_samples = None if c.ref_samples is None else metrics.load_reference_batch(c.ref_samples)
+        out, t = _evaluate(checkpoint, run_dir, c, res, protocol.images_per_seed, vocab, mesh, log, model=model,
+                           name=f"eval_s{seed}")
+        results.append(out)
+        seconds += t
+        if res.classifier is not None:
+            per_image.append(ev.load_per_image(os.path.join(run_dir, f"eval_s{seed}", ev.PER_IMAGE)))
+    return per_image, results, round(seconds, 3)
+
+
+def _real_features(res: ev.Resources, eval_config: ev.EvalConfig, protocol: Protocol, image_size: int, mesh):
+    dataset = res.classifier.info["dataset"]
+    n = eval_config.num_real or protocol.num_images
+    return res.features(res.classifier, (f"{dataset}-test", n, image_size),
+                        ev._real_images(dataset, n, image_size), mesh, eval_config.feature_batch)["features"]
+
+
 def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str, *,
                  checkpoint: Optional[str] = None, diag_samples: int = 8, command: str = "",
-                 log: Callable = print) -> dict:
-    """The FP model and every run of `plan`: PTQ, evaluation, diagnostics; writes `out` (markdown) and its .json
-    twin. Returns what the JSON holds."""
-    runs = plan.runs
+                 protocol: Protocol = Protocol(), log: Callable = print) -> dict:
+    """The FP model and every run of `plan` under `protocol`: PTQ on shared calibration sets, evaluation over the
+    protocol's seeds, bootstrap intervals, diagnostics; writes `out` (markdown), its .json twin and the bootstrap
+    values (.replicates.npz). Returns what the JSON holds."""
     if eval_config.ref_samples:
         raise ValueError("the ablation sets ref_samples itself (the FP model's samples); leave it empty")
     if eval_config.dtype not in ev.DTYPES:
@@ -212,59 +264,94 @@ def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str,
     ck = default_model.load_model(checkpoint)
     if ck.policy is not None:
         raise ValueError(f"{checkpoint} is a quantized checkpoint; the ablation starts from a full-precision one")
+    runs = protocol_runs(plan, protocol)
     check_runs(runs, ck.var_cfg, workdir)
     res = ev.load_resources(eval_config, ck.vae_cfg.image_size, ck.var_cfg.num_classes)
-    num_images = eval_config.num_images or eval_config.num_per_class * ck.var_cfg.num_classes
     vocab = ck.var_cfg.vocab_size
     mesh = parallel.make_mesh(eval_config.model_parallel)
     started = time.perf_counter()
 
     fp_dir = os.path.join(workdir, "fp")
     log("[fp] evaluation ...")
-    fp_results, fp_s = _evaluate(checkpoint, fp_dir, eval_config, res, num_images, vocab, mesh, log, model=ck)
+    fp_images, fp_results, fp_s = _evaluate_seeds(checkpoint, fp_dir, eval_config, res, protocol, protocol.seeds,
+                                                  vocab, mesh, log, model=ck)
     fp_bops = pipeline.bops_report(ck.var_cfg, None)["fp16"]
     rows = [_row("fp", "fp", "–", fp_results, fp_s, None, bops=fp_bops)]
-    q_config = dataclasses.replace(eval_config, ref_samples=fp_results["samples"]["path"])
-    res.ref_samples = metrics.load_reference_batch(q_config.ref_samples)
-    reports = {}
+    sets = {"fp": fp_images}
+    if protocol.noise_seeds:
+        noise_images, noise_results, noise_s = _evaluate_seeds(checkpoint, fp_dir, eval_config, res, protocol,
+                                                               protocol.noise_seeds, vocab, mesh, log, model=ck)
+        rows.append(_row(NOISE_ROW, "fp", "other seeds", noise_results, noise_s, None, bops=fp_bops))
+        sets[NOISE_ROW] = noise_images
+    fp_dirs = [os.path.join(fp_dir, f"eval_s{s}") for s in protocol.seeds]
+    reports, shared = {}, {}
     for i, r in enumerate(runs):
-        log(f"=== {i + 1}/{len(runs)}: {r.name} ===")
+        log(f"=== {i + 1}/{len(runs)}: {r.name} (calibration seed {r.calib_seed}) ===")
         run_dir = os.path.join(workdir, r.name)
-        reports[r.name] = _ptq(r, checkpoint, run_dir, log)
-        results, eval_s = _evaluate(os.path.join(run_dir, "ptq", "model"), run_dir, q_config, res, num_images,
-                                    vocab, mesh, log)
+        reports[r.name] = _ptq(r, checkpoint, run_dir, log, calibration=shared.get(r.calib_seed))
+        shared.setdefault(r.calib_seed, os.path.join(run_dir, "ptq"))
+        images, results, eval_s = _evaluate_seeds(os.path.join(run_dir, "ptq", "model"), run_dir, eval_config, res,
+                                                  protocol, protocol.seeds, vocab, mesh, log, ref_dirs=fp_dirs)
         rows.append(_row(r.name, r.preset, r.method, results, eval_s, reports[r.name], r.config.w_bits,
-                         r.config.a_bits))
+                         r.config.a_bits, calib_seed=r.calib_seed))
+        sets[r.name] = images
+    values = {}
+    if res.classifier is not None:
+        log(f"[bootstrap] {protocol.replicates} paired replicates over {protocol.num_images} images ...")
+        pooled = {name: protocol_lib.pooled(p) for name, p in sets.items()}
+        protocol_lib.check_paired(pooled, {name: np.concatenate([x["labels"] for x in p]) for name, p in sets.items()})
+        values = protocol_lib.bootstrap(pooled, _real_features(res, eval_config, protocol, ck.vae_cfg.image_size,
+                                                               mesh), "fp", protocol)
+        for row in rows:
+            _set_estimates(row, values.get(row["name"], {}))
     diag = run_diagnostics(ck, runs, reports, workdir, diag_samples, log)
     result = {
         "model": default_model.describe(ck), "checkpoint": checkpoint or "default (embedded)",
         "random_weights": bool(ck.meta.get("random_weights", False)),
-        "num_images": num_images, "eval": {k: v for k, v in dataclasses.asdict(eval_config).items()
-                                           if k in ("seed", "cfg", "top_k", "top_p", "dtype", "num_real")},
+        "num_images": protocol.num_images, "protocol": protocol.to_dict(),
+        "eval": {k: v for k, v in dataclasses.asdict(eval_config).items()
+                 if k in ("cfg", "top_k", "top_p", "dtype", "num_real")},
         "classifier": ({"path": res.classifier.source, **res.classifier.info} if res.classifier else None),
-        "eval_notes": fp_results.get("notes", []), "presets": list(plan.presets), "methods": list(plan.methods),
+        "eval_notes": fp_results[0].get("notes", []), "presets": list(plan.presets), "methods": list(plan.methods),
         "overrides": {k: str(v) for k, v in dict(plan.overrides).items()}, "command": command, **environment(),
         "rows": rows, "diagnostics": diag, "wall_s": round(time.perf_counter() - started, 1),
     }
-    result["findings"] = findings(rows, diag)
+    _conclude(result, values, protocol)
     write(out, result)
     log(f"wrote {out} and {os.path.splitext(out)[0]}.json")
     return result
 
 
+def _set_estimates(row: dict, values: Mapping) -> None:
+    """The row's metrics on the pooled images with their intervals (replacing the per-seed evaluations' own)."""
+    for metric in ("class_accuracy", "fd_real", "fd_fp"):
+        if metric in values:
+            row[metric] = float(values[metric][0])
+    row["intervals"] = protocol_lib.row_intervals(values)
+
+
+def _conclude(result: dict, values: Mapping, protocol: Protocol) -> None:
+    result["_values"] = values          # the bootstrap values: written beside the table, not into its JSON
+    result["comparisons"] = protocol_lib.comparisons(result["rows"], values) if values else []
+    result["findings"] = (protocol_lib.findings(result["rows"], result["comparisons"], protocol)
+                          + diagnostic_findings(result["diagnostics"]))
+
+
 # --- tables made in parts ---------------------------------------------------------------------------------------
-SHARED = ("model", "checkpoint", "random_weights", "num_images", "eval", "classifier", "overrides")
+SHARED = ("model", "checkpoint", "random_weights", "num_images", "protocol", "eval", "classifier", "overrides")
 PART_FIELDS = ("command", "device", "host", "date", "jax", "wall_s")
 
 
-def merge(parts: Sequence[dict], *, ck=None, workdir: str = "", diag_samples: int = 0, command: str = "",
-          method_order: Sequence[str] = (), make_plan: Optional[Callable] = None, log: Callable = print) -> dict:
+def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, workdir: str = "", diag_samples: int = 0,
+          command: str = "", method_order: Sequence[str] = (), make_plan: Optional[Callable] = None,
+          log: Callable = print) -> dict:
     """One table from ablation results of separate invocations on the same model and evaluation settings (e.g.
     one per GPU, each with its own presets/methods): rows with higher bit widths first, methods in `method_order`
     (else as the parts list them), the FP row once, the frequency-mismatch diagnostics joined, and the A·V
     diagnostic recomputed here on `ck` (the parts' model) when `diag_samples` > 0 — `make_plan(presets, methods,
     overrides)` gives the runs' configs — else joined from the parts. Mismatched parts are a ValueError, before
-    any work."""
+    any work. `values`: each part's bootstrap values (its .replicates.npz), joined so that the comparisons and
+    their Holm adjustment are made over the whole table."""
     order_of = list(method_order) or list(dict.fromkeys(m for p in parts for m in p.get("methods", [])))
     rank = lambda m: order_of.index(m) if m in order_of else len(order_of)
     if not parts:
@@ -275,24 +362,35 @@ def merge(parts: Sequence[dict], *, ck=None, workdir: str = "", diag_samples: in
         if diff:
             raise ValueError(f"part {i} ({p.get('command')!r}) differs from part 0 in {', '.join(diff)}: "
                              f"only tables of the same model and evaluation settings can be merged")
-    fp_rows = [next((r for r in p["rows"] if r["name"] == "fp"), None) for p in parts]
-    if any(r is None for r in fp_rows):
+    fp_rows = [[r for r in p["rows"] if r["preset"] == "fp"] for p in parts]
+    if any(not any(r["name"] == "fp" for r in rs) for rs in fp_rows):
         raise ValueError("every part must hold the FP row")
-    same = lambda r: {k: v for k, v in r.items() if k != "eval_s"}
-    if any(same(r) != same(fp_rows[0]) for r in fp_rows[1:]):
-        raise ValueError("the parts' FP rows differ: they were evaluated separately (share one --workdir so the "
-                         "FP samples, the reference of 'FD to FP', are the same)")
+    same = lambda rs: [{k: v for k, v in r.items() if k != "eval_s"} for r in rs]
+    if any(same(rs) != same(fp_rows[0]) for rs in fp_rows[1:]):
+        raise ValueError("the parts' FP rows differ: they were not sampled alike (same model, protocol and "
+                         "device, so that the FP samples, the reference of 'FD to FP', are the same)")
+    if values and len(values) != len(parts):
+        raise ValueError(f"{len(parts)} parts but {len(values)} sets of bootstrap values")
+    joined: Dict[str, Mapping] = {}
+    for v in values:
+        for name, metrics_ in v.items():
+            if name in joined and name in ("fp", NOISE_ROW):
+                if any(not np.array_equal(joined[name][m][1], metrics_[m][1]) for m in metrics_):
+                    raise ValueError(f"the parts' bootstrap values of {name} differ: they used other replicate "
+                                     f"indices or other FP images")
+            joined[name] = metrics_
     rows, seen = [], set()
     for p in parts:
         for r in p["rows"]:
-            if r["name"] == "fp":
+            if r["preset"] == "fp":
                 continue
             if r["name"] in seen:
                 raise ValueError(f"run {r['name']} appears in more than one part")
             seen.add(r["name"])
             rows.append(r)
-    q = sorted(rows, key=lambda r: (-r["w_bits"], -r["a_bits"], rank(r["method"])))
-    rows = [fp_rows[0]] + q
+    q = sorted(rows, key=lambda r: (-r["w_bits"], -r["a_bits"], rank(r["method"]), r.get("calib_seed") or 0))
+    rows = fp_rows[0] + q
+    protocol = protocol_lib.from_dict(first["protocol"])
     presets = list(dict.fromkeys(r["preset"] for r in q))
     methods = sorted({r["method"] for r in q}, key=rank)
     order = {r["name"]: i for i, r in enumerate(rows)}
@@ -311,7 +409,7 @@ def merge(parts: Sequence[dict], *, ck=None, workdir: str = "", diag_samples: in
                              f"({first['model']})")
         if make_plan is None:
             raise ValueError("recomputing the A·V diagnostic needs the runs' configs (make_plan)")
-        runs = [r for r in make_plan(presets, methods, first["overrides"]).runs if r.name in seen]
+        runs = [r for r in protocol_runs(make_plan(presets, methods, first["overrides"]), protocol) if r.name in seen]
         reports = {r["name"]: {"theta": r["theta"]} for r in q}
         diag["av_error"] = run_diagnostics(ck, runs, reports, workdir, diag_samples, log)["av_error"]
     result = {k: first[k] for k in SHARED}
@@ -320,7 +418,7 @@ def merge(parts: Sequence[dict], *, ck=None, workdir: str = "", diag_samples: in
                   wall_s=max(p.get("wall_s", 0.0) for p in parts),
                   parts=[{k: p.get(k) for k in PART_FIELDS} for p in parts],
                   av_error_from="this merge" if diag_samples > 0 else "the parts")
-    result["findings"] = findings(rows, diag)
+    _conclude(result, joined, protocol)
     return result
 
 

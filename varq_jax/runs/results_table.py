@@ -7,83 +7,22 @@ import numpy as np
 
 from varq_jax.files import atomic_write
 
-# (what is compared, from method, to method): the lines of "what the numbers show"
-COMPARISONS = (("reconstruction", "baseline", "brecq"),
-               ("shift-and-sum", "brecq", "brecq_sas"),
-               ("resampling", "brecq", "brecq_resample"),
-               ("shift-and-sum on top of resampling", "brecq_resample", "full"),
-               ("resampling on top of shift-and-sum", "brecq_sas", "full"),
-               ("both", "brecq", "full"))
-# (row key, column title, True when lower is better)
-METRICS = (("fd_fp", "FD to FP", True), ("fd_real", "FD to real", True), ("class_accuracy", "class accuracy", False))
-
-
 def write(out: str, result: dict) -> None:
+    """out (markdown), its .json twin, and the rows' bootstrap values (`_values`) as .replicates.npz."""
+    from varq_jax.runs import protocol
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
     for path, text in ((out, to_markdown(result)),
-                       (os.path.splitext(out)[0] + ".json", json.dumps(result, indent=1, default=float))):
+                       (os.path.splitext(out)[0] + ".json", json.dumps(public, indent=1, default=float))):
         atomic_write(path, text)
+    if result.get("_values"):
+        protocol.save_values(protocol.values_path(out), result["_values"])
 
 
-# --- "what the numbers show" -------------------------------------------------------------------------------------
-def _bits(row: dict) -> str:
-    return f"W{row['w_bits']}A{row['a_bits']}"
-
-
-def _cmp(name: str, lower_better: bool, a: float, b: float) -> str:
-    if b == a:
-        verdict = "equal"
-    else:
-        verdict = "better" if (b < a) == lower_better else "worse"
-    return f"{name} {_num(a)} → {_num(b)} ({verdict})"
-
-
-def findings(rows: Sequence[dict], diag: dict) -> List[str]:
-    """Statements read off the numbers: per bit setting the best method on each metric, each comparison of
-    COMPARISONS, how often it improved each metric, and the diagnostics' direction."""
+# --- "what the numbers show": the diagnostics' part (the metrics' findings come from runs.protocol) -------------
+def diagnostic_findings(diag: dict) -> List[str]:
+    """The direction of the two diagnostics (A·V error per scale, calibration code-frequency mismatch)."""
     lines = []
-    q = [r for r in rows if r["preset"] != "fp"]
-    presets = list(dict.fromkeys(r["preset"] for r in q))
-    metric_keys = [m for m in METRICS if any(r[m[0]] is not None for r in q)]
-    for p in presets:
-        pr = [r for r in q if r["preset"] == p]
-        if len(pr) < 2:
-            continue
-        best = []
-        for key, title, lower in metric_keys:
-            vals = [r for r in pr if r[key] is not None]
-            if vals:
-                top = (min if lower else max)(r[key] for r in vals)
-                best.append(f"{title}: {', '.join(r['method'] for r in vals if r[key] == top)} ({_num(top)})")
-        if best:
-            lines.append(f"{_bits(pr[0])}: best " + "; best ".join(best) + ".")
-    for label, a, b in COMPARISONS:
-        changes = {key: [] for key, _, _ in metric_keys}
-        for p in presets:
-            ra = next((r for r in q if r["preset"] == p and r["method"] == a), None)
-            rb = next((r for r in q if r["preset"] == p and r["method"] == b), None)
-            if ra is None or rb is None:
-                continue
-            parts = [_cmp(title, lower, ra[key], rb[key]) for key, title, lower in metric_keys
-                     if ra[key] is not None and rb[key] is not None]
-            for key, _, lower in metric_keys:
-                if ra[key] is not None and rb[key] is not None:
-                    changes[key].append((_bits(ra), (rb[key] < ra[key]) if lower else (rb[key] > ra[key])))
-            if parts:
-                lines.append(f"{_bits(ra)}, {label} ({a} → {b}): " + ", ".join(parts) + ".")
-        for key, title, _ in metric_keys:
-            ch = changes[key]
-            if len(ch) > 1:
-                yes, no = [b_ for b_, ok in ch if ok], [b_ for b_, ok in ch if not ok]
-                lines.append(f"{label} ({a} → {b}) improved {title} at {len(yes)} of {len(ch)} bit settings"
-                             + (f" ({', '.join(yes)})" if yes else "") + (f"; not at {', '.join(no)}" if no else "")
-                             + ".")
-    fp = next((r for r in rows if r["preset"] == "fp" and r["class_accuracy"] is not None), None)
-    if fp is not None and q:
-        se = float(np.sqrt(fp["class_accuracy"] * (1 - fp["class_accuracy"]) / fp["num_images"]))
-        lines.append(f"Noise level: over {fp['num_images']} images a class accuracy near {fp['class_accuracy']:.3f} "
-                     f"has a binomial standard error of {se:.3f}, so accuracy differences below about {2 * se:.3f} "
-                     f"are within sampling noise.")
     for d in diag.get("av_error", []):
         s, p = d["shift_and_sum"], d["plain"]
         lower = sum(x < y for x, y in zip(s, p))
@@ -111,15 +50,46 @@ def _secs(x) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
+def _bits(row: dict) -> str:
+    return f"W{row['w_bits']}A{row['a_bits']}"
+
+
+def _with_interval(row: dict, key: str, fmt: str) -> str:
+    i = row.get("intervals", {}).get(key)
+    text = _num(row[key], fmt)
+    return text if not i else f"{text} [{format(i['low'], fmt)}, {format(i['high'], fmt)}]"
+
+
 def table(rows: Sequence[dict]) -> List[str]:
-    lines = ["| model | method | class acc. | FD to real | FD to FP | BOPs | BOPs + SaS | θ | PTQ (s) | eval (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | calib. seed | class acc. | FD to real | FD to FP | BOPs | BOPs + SaS | θ | PTQ (s) | "
+             "eval (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         model = "FP" if r["preset"] == "fp" else _bits(r)
-        lines.append(f"| {model} | {r['method']} | {_num(r['class_accuracy'], '.4f')} | {_num(r['fd_real'])} | "
-                     f"{_num(r['fd_fp'])} | {_bops(r['bops_quantized'])} | {_bops(r['bops_with_sas'])} | "
-                     f"{_num(r['theta'])} | {_secs(r['ptq_s'])} | {_secs(r['eval_s'])} |")
+        seed = "–" if r.get("calib_seed") is None else str(r["calib_seed"])
+        lines.append(f"| {model} | {r['method']} | {seed} | {_with_interval(r, 'class_accuracy', '.4f')} | "
+                     f"{_with_interval(r, 'fd_real', '.4g')} | {_with_interval(r, 'fd_fp', '.4g')} | "
+                     f"{_bops(r['bops_quantized'])} | {_bops(r['bops_with_sas'])} | {_num(r['theta'])} | "
+                     f"{_secs(r['ptq_s'])} | {_secs(r['eval_s'])} |")
     return lines
+
+
+def _images_line(result: dict) -> str:
+    e, p = result["eval"], result["protocol"]
+    sampling = (f"sampling CFG {e['cfg']}, top-k {e['top_k']} (clipped to the vocabulary), top-p {e['top_p']}, "
+                f"{e['dtype']}")
+    noise = (f"; the FP model again with seeds {', '.join(map(str, p['noise_seeds']))} (the noise floor, row "
+             f"'other seeds')" if p["noise_seeds"] else "")
+    return (f"- Images: {result['num_images']} per model — seeds {', '.join(map(str, p['seeds']))} × "
+            f"{p['images_per_seed']} images, image i of seed s from fold_in(key(s), i), label i mod classes, the same "
+            f"for every row{noise}; {sampling}. Intervals: 95 % paired bootstrap percentiles, {p['replicates']} "
+            f"replicates over image indices (the same for every row), Fréchet distances recomputed per replicate "
+            f"(the real set fixed).\n"
+            f"- Calibration: one set per calibration seed ({', '.join(map(str, p['calib_seeds']))}"
+            + "".join(f"; {k}: also {', '.join(map(str, v))}" for k, v in p["extra_calib"].items())
+            + f"), sampled in {p['calib_dtype']} (HIGHEST matmul precision for float32) by its first run and shared "
+            f"by every row of that seed (fingerprints: "
+            + ", ".join(sorted({f"seed {r['calib_seed']}: {r['calibration'][:12]}" for r in result["rows"]
+                                if r.get("calibration")})) + ")")
 
 
 def to_markdown(result: dict) -> str:
@@ -136,9 +106,7 @@ def to_markdown(result: dict) -> str:
                "no classifier fits this model, so class accuracy and the Fréchet distances are missing (–)."))
     lines += [what, "",
               f"- Model: {result['model']} (checkpoint: {result['checkpoint']})",
-              f"- Images: {result['num_images']} per model, labels i mod classes, keys from seed {e['seed']}; "
-              f"sampling CFG {e['cfg']}, top-k {e['top_k']} (clipped to the vocabulary), top-p {e['top_p']}, "
-              f"{e['dtype']}",
+              _images_line(result),
               f"- PTQ overrides: {', '.join(f'{k}={v}' for k, v in result['overrides'].items()) or 'none'}"]
     if result.get("parts"):
         lines.append(f"- Made in {len(result['parts'])} parts, invocations that ran side by side on one workdir "

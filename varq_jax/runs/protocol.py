@@ -1,0 +1,250 @@
+"""The evaluation protocol of an ablation table: paired, seeded, with bootstrap intervals (issue 18).
+
+Every model is sampled on the same keys — seeds × images per seed, image i of seed s from fold_in(key(s), i) with
+label i mod classes — so rows are paired image by image; the FP model is sampled again with other seeds (the noise
+floor: how far apart two FP sets are). Each quantization method runs on the calibration set of its calibration
+seed, made once in float32 at HIGHEST precision and shared by every row of that seed (its fingerprint in each row);
+at low bits (`extra_calib`) methods run on further calibration seeds, so a method difference is seen on more than
+one calibration set. Intervals are paired bootstrap percentiles over image indices (`varq_jax.eval.paired`): the
+same replicate indices for every row, Fréchet distances recomputed per replicate. A finding calls a difference only
+where its interval excludes zero after Holm's adjustment over every comparison the table states.
+"""
+import dataclasses
+import os
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from varq_jax.eval import paired
+
+# (what is compared, from method, to method): the comparisons a table states, within one preset and calib seed
+COMPARISONS = (("reconstruction", "baseline", "brecq"),
+               ("shift-and-sum", "brecq", "brecq_sas"),
+               ("resampling", "brecq", "brecq_resample"),
+               ("shift-and-sum on top of resampling", "brecq_resample", "full"),
+               ("resampling on top of shift-and-sum", "brecq_sas", "full"),
+               ("both", "brecq", "full"))
+# (metric, title, lower is better)
+METRICS = (("class_accuracy", "class accuracy", False), ("fd_real", "FD to real", True),
+           ("fd_fp", "FD to FP", True))
+NOISE_ROW = "fp_other_seeds"
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    seeds: Tuple[int, ...] = (0, 1, 2)               # sampling seeds of every model (images_per_seed each)
+    images_per_seed: int = 1000
+    noise_seeds: Tuple[int, ...] = (3, 4, 5)         # the FP model again: the noise-floor row (() = none)
+    replicates: int = 2000                           # paired bootstrap replicates (0 = no intervals)
+    bootstrap_seed: int = 0
+    calib_dtype: str = "float32"                     # the shared calibration sets' sampler (HIGHEST precision)
+    calib_seeds: Tuple[int, ...] = (2025,)           # calibration seeds of every preset (the official seed first)
+    extra_calib: Tuple[Tuple[str, Tuple[int, ...]], ...] = (("w4a4", (2026,)),)   # more calib seeds per preset
+
+    def __post_init__(self):
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"protocol seeds must be distinct and at least one, got {self.seeds}")
+        if set(self.noise_seeds) & set(self.seeds) or len(set(self.noise_seeds)) != len(self.noise_seeds):
+            raise ValueError(f"noise seeds {self.noise_seeds} must be distinct and differ from the seeds "
+                             f"{self.seeds} (the noise floor compares FP sets made with other keys)")
+        if self.noise_seeds and len(self.noise_seeds) != len(self.seeds):
+            raise ValueError(f"the noise floor pairs one noise seed with each seed: {len(self.seeds)} seeds, "
+                             f"{len(self.noise_seeds)} noise seeds")
+        if self.images_per_seed < 2:
+            raise ValueError(f"images_per_seed must be at least 2, got {self.images_per_seed}")
+        if self.replicates < 0:
+            raise ValueError(f"replicates must be >= 0, got {self.replicates}")
+        if not self.calib_seeds:
+            raise ValueError("at least one calibration seed is needed")
+        if self.calib_dtype not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"calib_dtype must be float32, bfloat16 or auto, got {self.calib_dtype!r}")
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds) * self.images_per_seed
+
+    def calib_seeds_of(self, preset: str) -> Tuple[int, ...]:
+        extra = dict(self.extra_calib).get(preset, ())
+        return tuple(dict.fromkeys(self.calib_seeds + tuple(extra)))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["extra_calib"] = {p: list(s) for p, s in self.extra_calib}
+        return d
+
+
+def from_dict(d: Mapping) -> Protocol:
+    d = dict(d)
+    d["extra_calib"] = tuple((p, tuple(s)) for p, s in dict(d.get("extra_calib", {})).items())
+    return Protocol(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+# --- the per-image data of a row ----------------------------------------------------------------------------------
+def pooled(per_image: Sequence[Mapping[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """One row's images over the seeds, in seed order: {"correct": [n] bool, "features": [n, D]}."""
+    return {"correct": np.concatenate([p["predicted"] == p["labels"] for p in per_image]),
+            "features": np.concatenate([p["features"] for p in per_image])}
+
+
+def check_paired(sets: Mapping[str, Mapping[str, np.ndarray]], labels: Mapping[str, np.ndarray]) -> None:
+    """Rows are compared image by image: every row must hold the same labels in the same order."""
+    first = next(iter(labels))
+    for name, lab in labels.items():
+        if lab.shape != labels[first].shape or not np.array_equal(lab, labels[first]):
+            raise ValueError(f"row {name} was sampled with other labels than {first}: rows are not paired")
+
+
+# --- bootstrap ----------------------------------------------------------------------------------------------------
+def bootstrap(sets: Mapping[str, Mapping[str, np.ndarray]], real_features: Optional[np.ndarray], fp: str,
+              protocol: Protocol) -> Dict[str, Dict[str, Tuple[float, np.ndarray]]]:
+    """{row: {metric: (estimate on all images, values per replicate)}}; the noise row's fd_fp is its distance to
+    the FP set of the seeds (index-paired by position)."""
+    n = len(next(iter(sets.values()))["correct"])
+    indices = paired.replicate_indices(n, max(protocol.replicates, 1), protocol.bootstrap_seed)
+    if protocol.replicates == 0:
+        indices = indices[:0]
+    return paired.set_replicates(dict(sets), real_features, fp, indices)
+
+
+def row_intervals(values: Mapping[str, Tuple[float, np.ndarray]]) -> Dict[str, dict]:
+    out = {}
+    for metric, (estimate, reps) in values.items():
+        if len(reps):
+            i = paired.interval_of(estimate, reps)
+            out[metric] = {"estimate": i.estimate, "low": i.low, "high": i.high}
+    return out
+
+
+def comparisons(rows: Sequence[dict], values: Mapping[str, Mapping[str, Tuple[float, np.ndarray]]],
+                fp: str = "fp") -> List[dict]:
+    """Every difference the table states, Holm-adjusted together: each method pair of COMPARISONS within a preset and
+    calibration seed, and each quantized row against the FP model's class accuracy."""
+    out = []
+    q = [r for r in rows if r["preset"] != "fp"]
+    groups = list(dict.fromkeys((r["preset"], r.get("calib_seed")) for r in q))
+    for preset, cs in groups:
+        by_method = {r["method"]: r for r in q if r["preset"] == preset and r.get("calib_seed") == cs}
+        for what, a, b in COMPARISONS:
+            if a not in by_method or b not in by_method:
+                continue
+            ra, rb = by_method[a]["name"], by_method[b]["name"]
+            for metric, _, lower in METRICS:
+                if metric in values.get(ra, {}) and metric in values.get(rb, {}):
+                    out.append(_difference(what, preset, cs, ra, rb, metric, lower, values))
+    for r in q:
+        if "class_accuracy" in values.get(r["name"], {}) and "class_accuracy" in values.get(fp, {}):
+            out.append(_difference("against FP", r["preset"], r.get("calib_seed"), fp, r["name"], "class_accuracy",
+                                   False, values))
+    testable = [c for c in out if c["p"] is not None]
+    for c, adj in zip(testable, paired.holm([c["p"] for c in testable])):
+        c["p_holm"] = adj
+    for c in out:
+        c["verdict"] = _verdict(c)
+    return out
+
+
+def _difference(what, preset, calib_seed, a, b, metric, lower, values) -> dict:
+    (ea, va), (eb, vb) = values[a][metric], values[b][metric]
+    c = {"what": what, "preset": preset, "calib_seed": calib_seed, "a": a, "b": b, "metric": metric,
+         "lower_is_better": lower, "estimate": float(eb - ea), "low": None, "high": None, "p": None, "p_holm": None}
+    if len(va) and len(vb):
+        d = paired.difference_of(ea, va, eb, vb)
+        c.update(low=d.low, high=d.high, p=d.p)
+    return c
+
+
+def _verdict(c: dict) -> str:
+    if c["p_holm"] is None:
+        return "no interval (replicates = 0)"
+    if c["p_holm"] >= 1 - paired.LEVEL or not (c["low"] > 0 or c["high"] < 0):
+        return "no measurable difference"
+    return "better" if (c["estimate"] < 0) == c["lower_is_better"] else "worse"
+
+
+# --- words ----------------------------------------------------------------------------------------------------------
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:+.4g}"
+
+
+def findings(rows: Sequence[dict], comps: Sequence[dict], protocol: Protocol) -> List[str]:
+    """What the intervals allow to say: method differences (Holm-adjusted over all of them), losses against FP,
+    the noise floor, and whether a method difference holds on every calibration seed."""
+    lines = []
+    titles = {m: t for m, t, _ in METRICS}
+    tested = [c for c in comps if c["p_holm"] is not None]
+    if tested:
+        lines.append(f"{len(tested)} comparisons are stated below (method pairs within a bit setting and "
+                     f"calibration seed on {', '.join(titles[m] for m, _, _ in METRICS)}, and each quantized row's "
+                     f"class accuracy against FP); p-values are Holm-adjusted over all {len(tested)}, intervals are "
+                     f"95 % paired bootstrap percentiles ({protocol.replicates} replicates over "
+                     f"{protocol.num_images} images).")
+    by_name = {r["name"]: r for r in rows}
+    noise = by_name.get(NOISE_ROW)
+    if noise is not None and noise.get("intervals", {}).get("fd_fp"):
+        i = noise["intervals"]["fd_fp"]
+        lines.append(f"Noise floor: two FP sets of {protocol.num_images} images with other keys are FD "
+                     f"{i['estimate']:.4g} [{i['low']:.4g}, {i['high']:.4g}] apart; an FD to FP near this is no "
+                     f"loss at all.")
+    for c in comps:
+        bits = _bits(by_name[c["b"]])
+        seed = "" if c["calib_seed"] is None else f", calib seed {c['calib_seed']}"
+        if c["what"] == "against FP":
+            lines.append(f"{bits} {by_name[c['b']]['method']}{seed}: class accuracy against FP {_fmt(c['estimate'])} "
+                         f"[{_fmt(c['low'])}, {_fmt(c['high'])}] (Holm p {_p(c)}): {c['verdict']}.")
+        else:
+            lines.append(f"{bits}{seed}, {c['what']} ({by_name[c['a']]['method']} → {by_name[c['b']]['method']}): "
+                         f"{titles[c['metric']]} {_fmt(c['estimate'])} [{_fmt(c['low'])}, {_fmt(c['high'])}] "
+                         f"(Holm p {_p(c)}): {c['verdict']}.")
+    lines += _consistency(comps, by_name)
+    return lines
+
+
+def _p(c) -> str:
+    return "–" if c["p_holm"] is None else f"{c['p_holm']:.3g}"
+
+
+def _bits(row: dict) -> str:
+    return "FP" if row["preset"] == "fp" else f"W{row['w_bits']}A{row['a_bits']}"
+
+
+def _consistency(comps: Sequence[dict], by_name) -> List[str]:
+    """A method difference measured on several calibration sets: say whether the verdicts agree."""
+    lines = []
+    keyed: Dict[tuple, list] = {}
+    for c in comps:
+        if c["what"] != "against FP":
+            keyed.setdefault((c["preset"], c["what"], c["metric"]), []).append(c)
+    for (preset, what, metric), cs in keyed.items():
+        if len({c["calib_seed"] for c in cs}) < 2:
+            continue
+        verdicts = {c["calib_seed"]: c["verdict"] for c in cs}
+        same = len(set(verdicts.values())) == 1
+        lines.append(f"{_bits(by_name[cs[0]['b']])}, {what} on {metric} over {len(verdicts)} calibration seeds: "
+                     + ("the same on every one" if same else "not the same on every calibration set") + " ("
+                     + ", ".join(f"seed {s}: {v}" for s, v in verdicts.items()) + ").")
+    return lines
+
+
+# --- replicate values beside a table (tables made in parts are joined on them) ----------------------------------
+def save_values(path: str, values: Mapping[str, Mapping[str, Tuple[float, np.ndarray]]]) -> None:
+    from varq_jax.files import atomic_write
+    arrays = {f"{row}/{metric}": np.asarray(v[1], np.float64) for row, ms in values.items() for metric, v in ms.items()}
+    estimates = {f"{row}/{metric}": float(v[0]) for row, ms in values.items() for metric, v in ms.items()}
+    keys = sorted(arrays)
+    atomic_write(path, lambda f: np.savez(f, keys=np.array(keys), estimates=np.array([estimates[k] for k in keys]),
+                                          **{f"v{i}": arrays[k] for i, k in enumerate(keys)}))
+
+
+def load_values(path: str) -> Dict[str, Dict[str, Tuple[float, np.ndarray]]]:
+    if not os.path.exists(path):
+        raise ValueError(f"the bootstrap values of a part are missing: {path!r} (written beside its .json)")
+    out: Dict[str, Dict[str, Tuple[float, np.ndarray]]] = {}
+    with np.load(path) as f:
+        for i, key in enumerate(f["keys"]):
+            row, metric = str(key).split("/")
+            out.setdefault(row, {})[metric] = (float(f["estimates"][i]), f[f"v{i}"])
+    return out
+
+
+def values_path(out: str) -> str:
+    return os.path.splitext(out)[0] + ".replicates.npz"
