@@ -52,6 +52,8 @@ def make(w_bits: int, a_bits: int, method: str = "full") -> ml_collections.Confi
     c.fp_modules = ()                  # module path patterns kept in full precision, e.g. ("head", "blocks_0/*")
     c.rules = ()                       # per-module rules, e.g. ({"pattern": "head", "w_bits": 8},), first
     c.dtype = "bfloat16"               # compute dtype of sampling passes
+    c.operand_dtype = "auto"           # quantized Linears' operands in 16-bit programs: auto (float16 on GPU, as the
+                                       # official fp16 autocast; the compute dtype on TPU/CPU) | float16 | bfloat16
     c.matmul_precision = "highest"     # float32 programs at HIGHEST precision (GPU TF32 / TPU bf16 otherwise) | default
 
     c.calib = ml_collections.ConfigDict(dict(

@@ -126,9 +126,10 @@ def test_shapes100_texture_and_layout_change_the_image():
     """Same random draw, one attribute changed: the image changes (each attribute is visible)."""
     from varq_jax.data import shapes100
     key = jax.random.key(3)
-    base = np.asarray(shapes100.render(key, 0))                   # single, solid, disk
+    render = jax.jit(lambda label: shapes100.render(key, label, 32))          # one compilation for every label
+    base = np.asarray(render(0))                                  # single, solid, disk
     for other in (10, 20, 30, 40, 50, 1):                         # textures, pair layout, another shape
-        assert np.abs(np.asarray(shapes100.render(key, other)) - base).mean() > 0.01, other
+        assert np.abs(np.asarray(render(other)) - base).mean() > 0.01, other
 
 
 def test_datasets_by_name():

@@ -147,3 +147,28 @@ def _linear_nodes(tree, prefix=()):
 def test_bad_policy(kw):
     with pytest.raises(ValueError):
         QuantPolicy(**kw)
+
+
+def test_quantized_operands_enter_16_bit_matmuls_in_the_operand_dtype():
+    """operand_dtype=float16 in a bfloat16 program: ŵ (and x̂) cast to float16 and accumulated in float32 — the
+    official fp16 autocast for quantized Linears; 'auto' is that on GPUs only (TPU/CPU keep the compute dtype)."""
+    from varq_jax.models.var import Dense
+    from varq_jax.quant import quantizers
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=(32, 16)) * 0.1, jnp.float32)
+    outs = {}
+    for operand in ("float16", "auto", "bfloat16"):
+        policy = QuantPolicy(w_bits=8, a_bits=8, acts=False, operand_dtype=operand)     # weight-only: x stays x
+        layer = Dense(16, "fc1", use_bias=False, dtype=jnp.bfloat16, out_dtype=jnp.float32, policy=policy)
+        quant = state.init_quant_state({"fc1": {"kernel": kernel}}, policy)["fc1"]
+        outs[operand] = np.asarray(layer.apply({"params": {"kernel": kernel}, "quant": quant}, x))
+    w_hat = quantizers.fake_quant_weight(kernel, quant["delta"], quant["zero_point"], 8)
+    as_ = lambda a, t: np.asarray(jnp.asarray(a).astype(t).astype(jnp.float32), np.float64)
+    for operand, t in (("float16", jnp.float16), ("bfloat16", jnp.bfloat16)):
+        np.testing.assert_allclose(outs[operand], as_(x, t) @ as_(w_hat, t), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(outs["auto"], outs["float16" if jax.default_backend() == "gpu" else "bfloat16"])
+    assert np.abs(outs["float16"] - outs["bfloat16"]).max() > 1e-3      # bf16 rounds ŵ visibly coarser
+    assert QuantPolicy(operand_dtype="float16").operands(jnp.float32) == jnp.float32    # float32 stays float32
+    with pytest.raises(ValueError, match="operand_dtype must be one of"):
+        QuantPolicy(operand_dtype="float8")

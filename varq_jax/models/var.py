@@ -154,8 +154,12 @@ def dense(x: Array, kernel: Array, bias: Optional[Array], dtype, out_dtype=None)
     """x·W + b with inputs in `dtype`, float32 accumulation, the product and bias in `out_dtype` (default
     `dtype`): as torch autocast's Linear, so a 16-bit GEMM writes 16-bit outputs with the bias in its epilogue."""
     out_dtype = out_dtype or dtype
+    # operands of another 16-bit type than the output (fp16 quantized operands in a bf16 program): float32
+    # accumulation, then the cast, as fp16 GEMMs have no bf16 output
+    acc = out_dtype if jnp.dtype(out_dtype) in (jnp.dtype(dtype), jnp.dtype(jnp.float32)) else jnp.float32
     with jax.named_scope("linear"):          # scopes name the parts of a profile (benchmarks' time breakdown)
-        y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype), preferred_element_type=out_dtype)
+        y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype),
+                       preferred_element_type=acc).astype(out_dtype)
     if bias is not None:
         y = y + bias.astype(out_dtype)
     return y

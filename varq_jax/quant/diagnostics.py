@@ -125,3 +125,59 @@ def frequency_mismatch(report: dict) -> Optional[dict]:
         raise ValueError(f"malformed frequency_mismatch in the report: {fm!r}")
     return {"before": [float(x) for x in fm["before"]], "after": [float(x) for x in fm["after"]]}
 
+
+
+# --- what reconstruction did: learned roundings, and the whole model's distance to FP -----------------------------
+def rounding_flips(fp_var_params: dict, q: ModelCheckpoint, prefix: str = "") -> dict:
+    """{site: fraction of its weights whose code differs from round-to-nearest} for the coded Linears of a loaded
+    quantized checkpoint `q` (its kernels are the dequantized learned codes) in the unit `prefix` (a path: "head"
+    is not "head_nm"; "" = every site)."""
+    out = {}
+    flat_fp = traverse_util.flatten_dict(fp_var_params)
+    flat_q = traverse_util.flatten_dict(q.params["var"])
+    for path, node in _quant_nodes(q.quant):
+        name = "/".join(path)
+        inside = not prefix or name == prefix or name.startswith(prefix.rstrip("/") + "/")
+        if not inside or "delta" not in node or path + ("kernel",) not in flat_fp:
+            continue
+        rule = q.policy.rule_for(name)
+        if not rule.weights:
+            continue
+        nearest = state.integer_codes(flat_fp[path + ("kernel",)], node, rule.w_bits, learned=False)
+        learned = state.integer_codes(flat_q[path + ("kernel",)], node, rule.w_bits, learned=False)
+        out[name] = float(jnp.mean(nearest != learned))
+    return out
+
+
+def _quant_nodes(quant: dict, path: tuple = ()):
+    if "delta" in quant:
+        yield path, quant
+        return
+    for k, v in quant.items():
+        if isinstance(v, dict):
+            yield from _quant_nodes(v, path + (k,))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _kl_sum(vae, var_fp, var_q, params_fp, params_q, quant, labels, tokens):
+    x = vae.apply({"params": params_fp["vae"]}, tokens, method=VQVAE.idx_to_var_input)
+    logp = jax.nn.log_softmax(var_fp.apply({"params": params_fp["var"]}, labels, x).astype(jnp.float32), -1)
+    logq = jax.nn.log_softmax(var_q.apply({"params": params_q["var"], "quant": quant}, labels, x)
+                              .astype(jnp.float32), -1)
+    return jnp.sum(jnp.exp(logp) * (logp - logq)), logp.shape[0] * logp.shape[1]
+
+
+def teacher_forced_kl(fp: ModelCheckpoint, q: ModelCheckpoint, labels, tokens: Sequence, batch_size: int = 16,
+                      dtype=jnp.float32) -> float:
+    """Mean KL(FP ‖ quantized) of the next-token distributions over every token of the given token maps,
+    teacher-forced with the true labels (no CFG, no top-k/top-p): how far the whole quantized model is from FP."""
+    vae = VQVAE(fp.vae_cfg, jnp.float32)
+    var_fp, var_q = VAR(fp.var_cfg, dtype), VAR(fp.var_cfg, dtype, q.policy)
+    labels = np.asarray(labels)
+    n, bs = len(labels), min(batch_size, len(labels))
+    total, count = 0.0, 0
+    for start in range(0, n - bs + 1, bs):
+        s, c = _kl_sum(vae, var_fp, var_q, fp.params, q.params, q.quant, jnp.asarray(labels[start:start + bs]),
+                       [jnp.asarray(t)[start:start + bs] for t in tokens])
+        total, count = total + float(s), count + int(c)
+    return total / count

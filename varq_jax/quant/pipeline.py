@@ -59,7 +59,8 @@ def policy_from_config(config) -> QuantPolicy:
     return QuantPolicy(w_bits=config.w_bits, a_bits=config.a_bits, weights=config.quantize_weights,
                        acts=config.quantize_acts, attn=config.quantize_attn, shift_and_sum=config.shift_and_sum,
                        phase="hard" if config.rounding == "adaround" and config.reconstruction else "nearest",
-                       fp_modules=tuple(config.fp_modules), rules=config_rules(config))
+                       fp_modules=tuple(config.fp_modules), rules=config_rules(config),
+                       operand_dtype=config.get("operand_dtype", "auto"))
 
 
 def from_config(config, var_cfg) -> tuple:

@@ -24,6 +24,7 @@ from varq_jax.quant.rules import Rule, SiteRule
 from varq_jax.quant.sas_attention import sas_attention
 
 PHASES = ("nearest", "soft", "hard")
+OPERAND_DTYPES = ("auto", "float16", "bfloat16", "compute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +43,14 @@ class QuantPolicy(MatmulPolicy):
     observe_acts: bool = False          # fold inputs into stateful activation quantizers (calibration pass)
     report_errors: bool = False         # sow each Linear input's quantization error (for reports)
     blockwise_attention: bool = True
+    # 16-bit dtype of quantized Linears' operands (x̂, ŵ): auto = float16 on GPUs (the official fp16 autocast: bf16
+    # keeps 8 significant bits and rounds an 8-bit code by up to 0.6 of a step), the compute dtype elsewhere
+    # (TPUs keep bfloat16); or float16 | bfloat16 | compute. Float32 programs always keep float32.
+    operand_dtype: str = "auto"
 
     def __post_init__(self):
+        if self.operand_dtype not in OPERAND_DTYPES:
+            raise ValueError(f"operand_dtype must be one of {OPERAND_DTYPES}, got {self.operand_dtype!r}")
         for name in ("w_bits", "a_bits"):
             try:
                 quantizers.check_bits(getattr(self, name))
@@ -161,7 +168,18 @@ class QuantPolicy(MatmulPolicy):
                 x = self.quantized_input(module, xf, rule, kernel.shape[0])
             if self.report_errors:
                 module.sow("intermediates", "act_err", jnp.stack([jnp.sum(jnp.square(x - xf)), jnp.sum(jnp.square(xf))]))
+        if rule.weights or rule.acts:
+            return dense(x, kernel, bias, self.operands(module.dtype), module.out_dtype or module.dtype)
         return dense(x, kernel, bias, module.dtype, module.out_dtype)
+
+    def operands(self, compute_dtype):
+        """The dtype quantized operands enter a 16-bit program's matmul in (see `operand_dtype`)."""
+        compute = jnp.dtype(compute_dtype)
+        if compute not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or self.operand_dtype == "compute":
+            return compute
+        if self.operand_dtype == "auto":
+            return jnp.dtype(jnp.float16) if jax.default_backend() == "gpu" else compute
+        return jnp.dtype(self.operand_dtype)
 
     # --- attention -----------------------------------------------------------------------------------------------
     def attention(self, module, q, k, v, scale):
