@@ -88,6 +88,12 @@ def test_comparisons_call_only_what_the_intervals_allow():
     assert lines[0].startswith(f"{len(tested)} comparisons are stated below") and "Holm-adjusted" in lines[0]
     assert any("W4A4, calib seed 2025, both (brecq → full): class accuracy" in s
                and s.endswith("no measurable difference.") for s in lines)
+    # the same rows on a second calibration seed: the verdicts are compared across seeds
+    again = [dict(r, name=r["name"] + "_c2026", calib_seed=2026) for r in rows[1:]]
+    values2 = {**values, **{r["name"]: values[r["name"][:-6]] for r in again}}
+    lines = protocol.findings(rows + again, protocol.comparisons(rows + again, values2), p)
+    assert any(s.startswith("W4A4, reconstruction on class_accuracy over 2 calibration seeds: the same on every one")
+               for s in lines)
 
 
 def test_protocol_refuses_bad_settings():

@@ -1,7 +1,8 @@
-"""The reconstruction study on a tiny saved model: learned-rounding flips against an independent count, the
-report's rows, and bad input refused before any work."""
+"""The reconstruction study: its two measurements on a tiny model (flips against a known count, the KL of a model
+to itself), the whole study on a tiny saved model (slow: two PTQ runs), and bad input refused before any work."""
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -11,7 +12,7 @@ from varq_jax import checkpoint, cli
 from varq_jax.quant.export import load_quantized
 from varq_jax.runs import recon_study
 
-OVERRIDES = {"calib": {"num_samples": 4, "batch_size": 4}, "recon": {"iters": 8}, "samples": {"num": 0},
+OVERRIDES = {"calib": {"num_samples": 4, "batch_size": 4}, "recon": {"iters": 4}, "samples": {"num": 0},
              "theta": {"n_grids": 1000}}
 
 
@@ -22,6 +23,44 @@ def _config():
             c[section][k] = v
     c.dtype = "float32"
     return c
+
+
+def test_rounding_flips_count_the_codes_that_differ_from_nearest():
+    import jax
+    from varq_jax.checkpoint import ModelCheckpoint
+    from varq_jax.quant import diagnostics, state
+    from varq_jax.quant.policy import QuantPolicy
+    m = small_model()
+    policy = QuantPolicy(w_bits=4, a_bits=6)
+    quant = state.init_quant_state(m.params["var"], policy)
+    kernel, node = m.params["var"]["head"]["kernel"], quant["head"]
+    codes = np.asarray(state.integer_codes(kernel, node, 4, learned=False)).copy()
+    flat = codes.reshape(-1)
+    moved = np.arange(0, flat.size, 7)
+    flat[moved] = np.where(flat[moved] < 15, flat[moved] + 1, flat[moved] - 1)    # one step, inside the grid
+    var = jax.tree.map(lambda a: a, m.params["var"])
+    var["head"] = dict(var["head"], kernel=state.dequantize(jnp.asarray(codes), node))
+    q = ModelCheckpoint(m.vae_cfg, m.var_cfg, {"vae": m.params["vae"], "var": var}, {}, policy=policy, quant=quant)
+    flips = diagnostics.rounding_flips(m.params["var"], q, prefix="head")
+    assert set(flips) == {"head"} and flips["head"] == pytest.approx(len(moved) / flat.size)
+    assert diagnostics.rounding_flips(m.params["var"], q, prefix="head_nm") == {"head_nm": 0.0}
+
+
+def test_teacher_forced_kl_is_zero_for_the_model_itself_and_grows_with_quantization():
+    from varq_jax.checkpoint import ModelCheckpoint
+    from varq_jax.quant import diagnostics, state
+    from varq_jax.quant.policy import QuantPolicy
+    m = small_model()
+    rng = np.random.default_rng(0)
+    labels = np.arange(4) % m.var_cfg.num_classes
+    tokens = [rng.integers(0, m.vae_cfg.vocab_size, (4, pn * pn)) for pn in m.var_cfg.patch_nums]
+    kl = {}
+    for name, policy in (("off", QuantPolicy(weights=False, acts=False, attn=False)),
+                         ("w4a6", QuantPolicy(w_bits=4, a_bits=6))):
+        q = ModelCheckpoint(m.vae_cfg, m.var_cfg, m.params, {}, policy=policy,
+                            quant=state.init_quant_state(m.params["var"], policy))
+        kl[name] = diagnostics.teacher_forced_kl(m, q, labels, tokens, batch_size=2)
+    assert abs(kl["off"]) < 1e-6 and kl["w4a6"] > 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +74,8 @@ def study(tmp_path_factory):
     return root, m, result
 
 
-def test_flips_are_the_codes_that_differ_from_nearest(study):
+@pytest.mark.slow      # two PTQ runs (~40 s); the flip count and the KL have the fast tests above
+def test_the_study_reports_each_points_flips_errors_and_kl(study):
     root, m, result = study
     rows = {(r["point"], r["unit"]): r for r in result["rows"]}
     assert set(rows) == {(0, "head"), (1, "head")}

@@ -357,6 +357,10 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     if not parts:
         raise ValueError("nothing to merge: give at least one ablation result")
     first = parts[0]
+    old = [i for i, p in enumerate(parts) if "protocol" not in p]
+    if old:
+        raise ValueError(f"part {old[0]} ({parts[old[0]].get('command')!r}) was made before the evaluation protocol "
+                         f"(no seeds, no intervals): run it again with this version")
     for i, p in enumerate(parts[1:], 1):
         diff = [k for k in SHARED if p.get(k) != first.get(k)]
         if diff:

@@ -183,8 +183,8 @@ def findings(rows: Sequence[dict], comps: Sequence[dict], protocol: Protocol) ->
     if noise is not None and noise.get("intervals", {}).get("fd_fp"):
         i = noise["intervals"]["fd_fp"]
         lines.append(f"Noise floor: two FP sets of {protocol.num_images} images with other keys are FD "
-                     f"{i['estimate']:.4g} [{i['low']:.4g}, {i['high']:.4g}] apart; an FD to FP near this is no "
-                     f"loss at all.")
+                     f"{i['estimate']:.4g} [{i['low']:.4g}, {i['high']:.4g}] apart: a quantized row's FD to FP within "
+                     f"this range cannot be told from sampling the FP model again.")
     for c in comps:
         bits = _bits(by_name[c["b"]])
         seed = "" if c["calib_seed"] is None else f", calib seed {c['calib_seed']}"

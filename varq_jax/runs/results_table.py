@@ -98,9 +98,10 @@ def to_markdown(result: dict) -> str:
     if result["random_weights"]:
         lines += ["**The model has RANDOM WEIGHTS: these numbers say nothing about generation quality.**", ""]
     what = ("In-project metrics, **not FID** (no Inception network, no ImageNet): "
-            + (f"the shapes classifier `{clf['path']}` (test accuracy {clf['test_accuracy']:.4f}) gives the class "
-               f"accuracy of the samples w.r.t. their conditioning labels and the Fréchet distance (FD) of its "
-               f"features to real shapes images (test split, {e['num_real'] or result['num_images']} images) and to "
+            + (f"the {clf.get('dataset', 'shapes')} classifier `{clf['path']}` (test accuracy "
+               f"{clf['test_accuracy']:.4f}) gives the class accuracy of the samples w.r.t. their conditioning labels "
+               f"and the Fréchet distance (FD) of its features to real {clf.get('dataset', 'shapes')} images (test "
+               f"split, {e['num_real'] or result['num_images']} images) and to "
                f"the FP model's samples (same labels and keys). Lower FD is closer; the values are comparable "
                f"only within this table." if clf else
                "no classifier fits this model, so class accuracy and the Fréchet distances are missing (–)."))
