@@ -146,7 +146,8 @@ def test_intervals_are_a_numpy_bootstrap_over_image_indices(ablation_run):
     acc = data["correct"][idx].mean(1)
     np.testing.assert_allclose(values["w4a6_brecq"]["class_accuracy"][1], acc, atol=1e-12)
     row = next(r for r in result["rows"] if r["name"] == "w4a6_brecq")
-    lo, hi = np.percentile(acc, [2.5, 97.5])
+    theta = data["correct"].mean()
+    lo, hi = np.percentile(acc + theta - acc.mean(), [2.5, 97.5])     # percentiles of the bias-free replicates
     assert row["intervals"]["class_accuracy"]["low"] == pytest.approx(lo)
     assert row["intervals"]["class_accuracy"]["high"] == pytest.approx(hi)
     for k in (0, 7):
@@ -156,7 +157,8 @@ def test_intervals_are_a_numpy_bootstrap_over_image_indices(ablation_run):
              and c["calib_seed"] == 2025)
     base = _pooled(root, "w4a6_baseline")["correct"][idx].mean(1)
     d = acc - base
-    assert (c["low"], c["high"]) == pytest.approx(tuple(np.percentile(d, [2.5, 97.5])))
+    theta = theta - _pooled(root, "w4a6_baseline")["correct"].mean()
+    assert (c["low"], c["high"]) == pytest.approx(tuple(np.percentile(d + theta - d.mean(), [2.5, 97.5])))
 
 
 def test_diagnostics_and_findings_in_the_results(ablation_run):

@@ -233,6 +233,11 @@ def test_attention_operand_granularity():
     assert _max_distinct(Q.quantize_k_operand(k, 2), [1]) > 4
     with pytest.raises(ValueError, match="B, S, H, D"):
         Q.quantize_k_operand(k[0], 6)
+    # head_dim ≤ 64 (the research default's 32): one group is the whole head, i.e. per token over D.
+    q32, k32 = q[..., :32], k[..., :32]
+    np.testing.assert_array_equal(Q.quantize_q_operand(q32, 4), Q.quantize_act_per_token(q32, 4))
+    np.testing.assert_array_equal(Q.quantize_k_operand(k32, 4), Q.quantize_act_per_token(k32, 4))
+    np.testing.assert_array_equal(Q.quantize_q_operand(q[..., :64], 4), Q.quantize_act_per_group(q[..., :64], 4, 64))
 
 
 def test_log2_quantizer_codes():

@@ -197,8 +197,9 @@ def act_quantizer(bits: int, in_features: int, signed_split: bool = False) -> Ca
 # ---------------------------------------------------------------------------------------------------------------
 @_jit_bits
 def quantize_q_operand(q: Array, bits: int) -> Array:
-    """Q (already × softmax scale) [..., D]: per token over head_dim at ≥6 bits, groups of 64 below."""
-    if check_bits(bits) >= GROUP_MIN_BITS:
+    """Q (already × softmax scale) [..., D]: per token over head_dim at ≥6 bits, groups of 64 below (for
+    head_dim ≤ 64 one group is the whole head, so per token: narrow models such as the research default's)."""
+    if check_bits(bits) >= GROUP_MIN_BITS or q.shape[-1] <= ACT_GROUP:
         return quantize_act_per_token(q, bits)
     return quantize_act_per_group(q, bits, ACT_GROUP)
 
@@ -206,11 +207,13 @@ def quantize_q_operand(q: Array, bits: int) -> Array:
 @_jit_bits
 def quantize_k_operand(k: Array, bits: int) -> Array:
     """K [B, S, H, D]: per (batch, head, channel) over the tokens at ≥6 bits; per (batch, token, head) over
-    groups of 64 channels below."""
+    groups of 64 channels below (per (batch, token, head) over head_dim when head_dim ≤ 64)."""
     if k.ndim != 4:
         raise ValueError(f"k must be [B, S, H, D], got shape {k.shape}")
     if check_bits(bits) >= GROUP_MIN_BITS:
         return _minmax_fake_quant(k.astype(jnp.float32), bits, 1)
+    if k.shape[-1] <= ACT_GROUP:
+        return quantize_act_per_token(k, bits)
     return quantize_act_per_group(k, bits, ACT_GROUP)
 
 

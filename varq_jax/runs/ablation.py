@@ -393,7 +393,10 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
             seen.add(r["name"])
             rows.append(r)
     q = sorted(rows, key=lambda r: (-r["w_bits"], -r["a_bits"], rank(r["method"]), r.get("calib_seed") or 0))
-    rows = fp_rows[0] + q
+    rows = [dict(r) for r in fp_rows[0] + q]
+    for row in rows:                     # intervals by this version's rule, from the stored replicates
+        if row["name"] in joined:
+            _set_estimates(row, joined[row["name"]])
     protocol = protocol_lib.from_dict(first["protocol"])
     presets = list(dict.fromkeys(r["preset"] for r in q))
     methods = sorted({r["method"] for r in q}, key=rank)

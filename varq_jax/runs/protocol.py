@@ -5,8 +5,8 @@ label i mod classes — so rows are paired image by image; the FP model is sampl
 floor: how far apart two FP sets are). Each quantization method runs on the calibration set of its calibration
 seed, made once in float32 at HIGHEST precision and shared by every row of that seed (its fingerprint in each row);
 at low bits (`extra_calib`) methods run on further calibration seeds, so a method difference is seen on more than
-one calibration set. Intervals are paired bootstrap percentiles over image indices (`varq_jax.eval.paired`): the
-same replicate indices for every row, Fréchet distances recomputed per replicate. A finding calls a difference only
+one calibration set. Intervals are paired bootstrap intervals over image indices (`varq_jax.eval.paired`): the
+same replicate indices for every row, Fréchet distances recomputed per replicate, the bootstrap's own bias removed. A finding calls a difference only
 where its interval excludes zero after Holm's adjustment over every comparison the table states.
 """
 import dataclasses
@@ -110,7 +110,7 @@ def row_intervals(values: Mapping[str, Tuple[float, np.ndarray]]) -> Dict[str, d
     out = {}
     for metric, (estimate, reps) in values.items():
         if len(reps):
-            i = paired.interval_of(estimate, reps)
+            i = paired.interval_of(estimate, reps, floor=0.0 if metric.startswith("fd") else None)
             out[metric] = {"estimate": i.estimate, "low": i.low, "high": i.high}
     return out
 
@@ -176,7 +176,7 @@ def findings(rows: Sequence[dict], comps: Sequence[dict], protocol: Protocol) ->
         lines.append(f"{len(tested)} comparisons are stated below (method pairs within a bit setting and "
                      f"calibration seed on {', '.join(titles[m] for m, _, _ in METRICS)}, and each quantized row's "
                      f"class accuracy against FP); p-values are Holm-adjusted over all {len(tested)}, intervals are "
-                     f"95 % paired bootstrap percentiles ({protocol.replicates} replicates over "
+                     f"95 % paired bootstrap intervals ({protocol.replicates} replicates over "
                      f"{protocol.num_images} images).")
     by_name = {r["name"]: r for r in rows}
     noise = by_name.get(NOISE_ROW)

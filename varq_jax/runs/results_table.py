@@ -83,7 +83,8 @@ def _images_line(result: dict) -> str:
             f"{p['images_per_seed']} images, image i of seed s from fold_in(key(s), i), label i mod classes, the same "
             f"for every row{noise}; {sampling}. Intervals: 95 % paired bootstrap percentiles, {p['replicates']} "
             f"replicates over image indices (the same for every row), Fréchet distances recomputed per replicate "
-            f"(the real set fixed).\n"
+            f"(the real set fixed), each metric's replicates shifted to its estimate (resampling with replacement "
+            f"inflates an FD); an FD's interval is its spread at this number of images, comparable across rows.\n"
             f"- Calibration: one set per calibration seed ({', '.join(map(str, p['calib_seeds']))}"
             + "".join(f"; {k}: also {', '.join(map(str, v))}" for k, v in p["extra_calib"].items())
             + f"), sampled in {p['calib_dtype']} (HIGHEST matmul precision for float32) by its first run and shared "
