@@ -51,6 +51,9 @@ flags.DEFINE_list("calib_seeds", ["2025"], "protocol: calibration seeds of every
 flags.DEFINE_list("extra_calib", ["w4a4:2026"], "protocol: more calibration seeds for some presets, PRESET:SEED[+SEED]")
 flags.DEFINE_enum("calib_dtype", "float32", ["float32", "bfloat16", "auto"], "protocol: dtype of the shared "
                   "calibration sets' sampler (float32: HIGHEST matmul precision, as the official)")
+flags.DEFINE_list("zero_shot", [], "zero-shot rows (inpaint, outpaint, edit) for the FP model and these runs, e.g. "
+                  "w4a6_baseline,w4a6_full (runs of this table; none: no zero-shot section)")
+flags.DEFINE_integer("zero_shot_images", 1000, "protocol: real test images the zero-shot rows regenerate")
 flags.DEFINE_list("merge", None, "instead of running: merge these ablation JSONs (invocations that ran side by side on "
                   "one --workdir, e.g. one per GPU) into --out; the A·V diagnostic is recomputed on --checkpoint")
 
@@ -75,7 +78,8 @@ def main(argv):
             raise ValueError(f"eval.num_images (images per seed) must be positive, got {e.num_images}")
         plan = cli.ablation_plan(FLAGS.presets, FLAGS.methods, cli.parse_override_args(_OVERRIDES))
         result = ablation.run_ablation(plan, config, FLAGS.workdir, FLAGS.out, checkpoint=FLAGS.checkpoint,
-                                       diag_samples=FLAGS.diag_samples, command=command, protocol=_protocol(e))
+                                       diag_samples=FLAGS.diag_samples, command=command, protocol=_protocol(e),
+                                       zero_shot=FLAGS.zero_shot)
     print("\n".join(results_table.table(result["rows"])))
 
 
@@ -98,7 +102,7 @@ def _protocol(e):
     return Protocol(seeds=ints("--seeds", FLAGS.seeds), images_per_seed=e.num_images,
                     noise_seeds=ints("--noise_seeds", FLAGS.noise_seeds), replicates=FLAGS.replicates,
                     calib_seeds=ints("--calib_seeds", FLAGS.calib_seeds), extra_calib=tuple(extra),
-                    calib_dtype=FLAGS.calib_dtype)
+                    calib_dtype=FLAGS.calib_dtype, zero_shot_images=FLAGS.zero_shot_images)
 
 
 def _merge(command: str) -> dict:

@@ -25,7 +25,7 @@ from varq_jax.models.vqvae import VQVAE
 from varq_jax import cli
 from varq_jax.quant import calibration, diagnostics, pipeline
 from varq_jax.eval import evaluate as ev
-from varq_jax.eval import metrics
+from varq_jax.eval import metrics, paired
 from varq_jax.runs import ablation, results_table
 from varq_jax.runs import protocol as protocol_lib
 from varq_jax.runs.protocol import NOISE_ROW, Protocol
@@ -56,11 +56,11 @@ PROTOCOL = Protocol(seeds=(0, 1), images_per_seed=10, noise_seeds=(2, 3), replic
 NAMES = ["fp", NOISE_ROW, "w4a6_baseline", "w4a6_brecq"]
 
 
-def _ablate(root, out="RESULTS.md", log=None, **kwargs):
+def _ablate(root, out="RESULTS.md", log=None, protocol=PROTOCOL, eval_config=EVAL, **kwargs):
     return ablation.run_ablation(cli.ablation_plan(["w4a6"], ["baseline", "brecq"], OVERRIDES),
-                                 dataclasses.replace(EVAL, classifier=str(root / "clf")), str(root / "wd"),
+                                 dataclasses.replace(eval_config, classifier=str(root / "clf")), str(root / "wd"),
                                  str(root / out), checkpoint=str(root / "model"), diag_samples=2, command="test",
-                                 protocol=PROTOCOL, log=log or (lambda s: None), **kwargs)
+                                 protocol=protocol, log=log or (lambda s: None), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -391,3 +391,46 @@ def test_frequency_mismatch_is_read_from_the_report():
     assert diagnostics.frequency_mismatch({"frequency_mismatch": fm}) == fm
     with pytest.raises(ValueError, match="malformed"):
         diagnostics.frequency_mismatch({"frequency_mismatch": {"before": [0.1], "after": []}})
+
+
+def test_zero_shot_rows_on_the_same_inputs_with_intervals(ablation_run):
+    """The table's runs again with zero-shot rows (PTQ and sampling reused): kept-region PSNR recomputed here from
+    the saved results and inputs, intervals, baseline → brecq comparisons Holm-adjusted, merge, a bad row name."""
+    from varq_jax.eval import generate as gen_lib
+    from varq_jax.runs import zero_shot_rows
+    root, _, _ = ablation_run
+    proto = dataclasses.replace(PROTOCOL, zero_shot_images=6)
+    cfg = dataclasses.replace(EVAL, tasks=("inpaint", "edit"))
+    with pytest.raises(ValueError, match="not runs of this table"):
+        _ablate(root, out="ZS.md", protocol=proto, eval_config=cfg, zero_shot=["w4a4_full"])
+    assert not (root / "ZS.md").exists()
+    result = _ablate(root, out="ZS.md", protocol=proto, eval_config=cfg, zero_shot=["w4a6_baseline", "w4a6_brecq"])
+    zs = result["zero_shot"]
+    assert [(r["task"], r["name"]) for r in zs["rows"]] == [
+        (t, n) for t in ("inpaint", "edit") for n in ("fp", "w4a6_baseline", "w4a6_brecq")]
+    ck = default_model.load_model(str(root / "model"))
+    inputs = zero_shot_rows.make_inputs("shapes", 6, ck, cfg)
+    up = ck.vae_cfg.image_size // ck.var_cfg.patch_nums[-1]
+    for r in zs["rows"]:
+        run_dir = root / "wd" / r["name"] / "zero_shot" / r["task"]
+        out, _ = gen_lib.load_samples(str(run_dir / "samples.npz"))
+        kept = np.repeat(np.repeat(inputs["keep"][r["task"]], up, 1), up, 2).astype(bool)
+        mse = [np.mean((o.astype(float) - i.astype(float))[k] ** 2) for o, i, k in zip(out, inputs["images"], kept)]
+        assert r["psnr_kept"] == pytest.approx(np.mean(np.minimum(10 * np.log10(255 ** 2 / np.array(mse)), 100)))
+        i = r["intervals"]["psnr_kept"]
+        assert i["low"] <= r["psnr_kept"] <= i["high"]
+        per = ev.load_per_image(str(run_dir / ev.PER_IMAGE))
+        target = inputs["target_labels"] if r["task"] == "edit" else inputs["labels"]
+        np.testing.assert_array_equal(per["labels"], target)
+        assert r["class_accuracy"] == pytest.approx(np.mean(per["predicted"] == target))
+    values = protocol_lib.load_values(protocol_lib.values_path(str(root / "ZS.md")))
+    comps = zero_shot_rows.comparisons(zs["rows"], values, pair=("baseline", "brecq"))
+    assert len(comps) == 2 * len(zero_shot_rows.METRICS)
+    np.testing.assert_allclose([c["p_holm"] for c in comps], paired.holm([c["p"] for c in comps]))
+    c = next(c for c in comps if c["task"] == "inpaint" and c["metric"] == "psnr_kept")
+    by = {r["name"]: r for r in zs["rows"] if r["task"] == "inpaint"}
+    assert c["estimate"] == pytest.approx(by["w4a6_brecq"]["psnr_kept"] - by["w4a6_baseline"]["psnr_kept"])
+    md = (root / "ZS.md").read_text()
+    assert "## Zero-shot tasks" in md and "### edit" in md and "No baseline/full pair" in md
+    merged = ablation.merge([json.load(open(root / "ZS.json"))], values=[values])
+    assert merged["zero_shot"]["rows"] == zs["rows"]

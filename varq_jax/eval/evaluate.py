@@ -158,17 +158,20 @@ def _real_images(dataset: str, num: int, image_size: int, chunk: int = 256) -> I
 PER_IMAGE = "per_image.npz"
 
 
-def save_per_image(path: str, classifier_out: Dict[str, np.ndarray], labels: np.ndarray) -> None:
+def save_per_image(path: str, classifier_out: Dict[str, np.ndarray], labels: np.ndarray,
+                   **scores: np.ndarray) -> None:
     """The classifier's view of every sample, in image order: features (float32 [N, D]), predicted class and the
-    conditioning label — what a paired bootstrap over image indices needs, written atomically."""
+    target label, with any further per-image `scores` (a zero-shot task's kept-region PSNR/SSIM) — what a paired
+    bootstrap over image indices needs, written atomically."""
     atomic_write(path, lambda f: np.savez(f, features=np.asarray(classifier_out["features"], np.float32),
                                           predicted=np.asarray(classifier_out["logits"]).argmax(-1).astype(np.int32),
-                                          labels=np.asarray(labels, np.int32)))
+                                          labels=np.asarray(labels, np.int32),
+                                          **{k: np.asarray(v, np.float64) for k, v in scores.items()}))
 
 
 def load_per_image(path: str) -> Dict[str, np.ndarray]:
     with np.load(path) as f:
-        return {k: f[k] for k in ("features", "predicted", "labels")}
+        return {k: f[k] for k in f.files}
 
 
 METRIC_DESCRIPTIONS = {

@@ -180,19 +180,21 @@ def _frechet_with_root(mu1, s1, mu2, s2, root2) -> float:
 
 
 def set_replicates(sets: dict, reference: Optional[np.ndarray], paired_with: Optional[str],
-                   indices: np.ndarray) -> dict:
-    """For named sets of one image list ({name: {"correct": [n] bool, "features": [n, D]}}), every metric on all
-    images and on each replicate of `indices` (the same image indices for every set):
-      class_accuracy; fd_real, the Fréchet distance to the fixed `reference` features (real images, not
+                   indices: np.ndarray, means: Sequence[str] = (), reference_metric: str = "fd_real") -> dict:
+    """For named sets of one image list ({name: {"correct": [n] bool, "features": [n, D], <mean>: [n]}}), every
+    metric on all images and on each replicate of `indices` (the same image indices for every set):
+      class_accuracy; each per-image score of `means` (e.g. a zero-shot task's kept-region PSNR), averaged;
+      `reference_metric` (fd_real), the Fréchet distance to the fixed `reference` features (real images, not
       resampled); fd_fp, the Fréchet distance to set `paired_with` (the FP model's images of the same keys),
       both sets resampled together.
     Returns {name: {metric: (estimate, values [R])}}."""
     n = indices.shape[1]
     names = list(sets)
     for name in names:
-        _check([sets[name]["correct"], sets[name]["features"]], n)
+        _check([sets[name]["correct"], sets[name]["features"]] + [sets[name][m] for m in means], n)
     feats = {k: np.asarray(sets[k]["features"], np.float64) for k in names}
     correct = {k: np.asarray(sets[k]["correct"], np.float64) for k in names}
+    scores = {k: {m: np.asarray(sets[k][m], np.float64) for m in means} for k in names}
     ref = None
     if reference is not None:
         mu_r, s_r = _stats(reference)
@@ -204,8 +206,9 @@ def set_replicates(sets: dict, reference: Optional[np.ndarray], paired_with: Opt
         root_fp = _sqrt_psd(stats[paired_with][1]) if paired_with is not None else None
         for k in names:
             m = {"class_accuracy": float(counts @ correct[k] / n)}
+            m.update({name: float(counts @ x / n) for name, x in scores[k].items()})
             if ref is not None:
-                m["fd_real"] = _frechet_with_root(*stats[k], ref[0], ref[1], ref[2])
+                m[reference_metric] = _frechet_with_root(*stats[k], ref[0], ref[1], ref[2])
             if paired_with is not None and k != paired_with:
                 m["fd_fp"] = _frechet_with_root(*stats[k], *stats[paired_with], root_fp)
             out[k] = m

@@ -87,10 +87,9 @@ def masked_psnr(a, b, mask) -> np.ndarray:
 
 
 def load_zero_shot_inputs(path: str, model: ModelCheckpoint, config: "EvalConfig") -> dict:
-    """Checks and prepares the zero-shot inputs: images (arr_0 or images: uint8 [M, S, S, 3]), boxes [M, 4]
-    (default: config.box for all), optional `labels` (the inputs' classes) and `target_labels` (edit targets,
-    default config.edit_class), and every task's keep masks [M, pn, pn]."""
-    image_size, num_classes, pn = model.vae_cfg.image_size, model.var_cfg.num_classes, model.var_cfg.patch_nums[-1]
+    """The zero-shot inputs of an npz: images (arr_0 or images: uint8 [M, S, S, 3]), boxes [M, 4] (default:
+    config.box for all), optional `labels` (the inputs' classes) and `target_labels` (edit targets, default
+    config.edit_class), checked and prepared by `prepare_inputs`."""
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
@@ -99,22 +98,31 @@ def load_zero_shot_inputs(path: str, model: ModelCheckpoint, config: "EvalConfig
     images = data.get("arr_0", data.get("images"))
     if images is None:
         raise ValueError(f"zero-shot inputs {path} have no images (arr_0 or images); keys: {sorted(data)}")
+    return prepare_inputs(images, model, config, data.get("boxes"), data.get("labels"), data.get("target_labels"))
+
+
+def prepare_inputs(images, model: ModelCheckpoint, config: "EvalConfig", boxes=None, labels=None,
+                   target_labels=None) -> dict:
+    """Checked zero-shot inputs with every task's keep masks [M, pn, pn]: images, boxes, labels (if given),
+    target_labels (default config.edit_class), the images' sha256."""
+    image_size, num_classes, pn = model.vae_cfg.image_size, model.var_cfg.num_classes, model.var_cfg.patch_nums[-1]
+    images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
         raise ValueError(f"zero-shot images must be uint8 [M, H, W, 3], got {images.dtype} {images.shape}")
     if images.shape[1:3] != (image_size, image_size):
         raise ValueError(f"zero-shot images are {images.shape[1]}x{images.shape[2]}, the model makes "
                          f"{image_size}x{image_size}")
     m = len(images)
-    boxes = np.asarray(data.get("boxes", np.tile(np.asarray(config.box, np.float64), (m, 1))), np.float64)
+    boxes = np.asarray(np.tile(np.asarray(config.box, np.float64), (m, 1)) if boxes is None else boxes, np.float64)
     if boxes.shape != (m, 4):
         raise ValueError(f"boxes must be [{m}, 4] (y0, x0, y1, x1 fractions), got {boxes.shape}")
     if not 0 <= config.edit_class < num_classes:
         raise ValueError(f"edit_class must be in [0, {num_classes}), got {config.edit_class}")
     out = {"images": images, "boxes": boxes, "target_labels": np.full(m, config.edit_class, np.int32),
            "sha256": fingerprint.array_digest(images)}
-    for key in ("labels", "target_labels"):
-        if key in data:
-            lab = np.asarray(data[key])
+    for key, lab in (("labels", labels), ("target_labels", target_labels)):
+        if lab is not None:
+            lab = np.asarray(lab)
             if (lab.shape != (m,) or not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0
                     or lab.max() >= num_classes):
                 raise ValueError(f"{key} must be {m} integers in [0, {num_classes}), got {lab.dtype} {lab.shape}")
@@ -159,8 +167,8 @@ def evaluate_zero_shot(model: ModelCheckpoint, out_dir: str, config: "EvalConfig
             compiler_options=dict(config.compiler_options), scan_blocks=config.scan_blocks, log=log)
         out, _ = gen_lib.load_samples(run.samples_path)
         kept = np.repeat(np.repeat(keep, up, axis=1), up, axis=2)
-        r = {"psnr_kept": float(np.nanmean(masked_psnr(out, images, kept))),
-             "ssim_kept": float(np.nanmean(masked_ssim(out, images, kept))), "num_images": m}
+        psnr, ssim = masked_psnr(out, images, kept), masked_ssim(out, images, kept)
+        r = {"psnr_kept": float(np.nanmean(psnr)), "ssim_kept": float(np.nanmean(ssim)), "num_images": m}
         stamp = ("zero-shot-inputs", inputs["sha256"])
         if res.inception is not None:
             f_out = extract_features(res.inception, out, mesh, fb)
@@ -173,5 +181,9 @@ def evaluate_zero_shot(model: ModelCheckpoint, out_dir: str, config: "EvalConfig
             target = labels if task == "edit" else inputs.get("labels")
             if target is not None and res.classifier.info["num_classes"] == var_cfg.num_classes:
                 r["class_accuracy"] = metrics.class_accuracy(f_out["logits"], target)
+                if parallel.is_main_process():           # per image, for paired intervals (runs.zero_shot_rows)
+                    from varq_jax.eval.evaluate import PER_IMAGE, save_per_image
+                    save_per_image(os.path.join(out_dir, task, PER_IMAGE), f_out, target, psnr_kept=psnr,
+                                   ssim_kept=ssim)
         results[task] = r
     return results

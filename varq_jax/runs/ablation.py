@@ -29,6 +29,7 @@ from varq_jax.quant import calibration, diagnostics, pipeline, state, theta as t
 from varq_jax.checkpoint import read_state
 from varq_jax.runs import ptq as ptq_run, quantize as quantize_run
 from varq_jax.runs import protocol as protocol_lib
+from varq_jax.runs import zero_shot_rows
 from varq_jax.runs.protocol import NOISE_ROW, Protocol
 from varq_jax.runs.results_table import diagnostic_findings, write
 
@@ -246,10 +247,11 @@ def _real_features(res: ev.Resources, eval_config: ev.EvalConfig, protocol: Prot
 
 def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str, *,
                  checkpoint: Optional[str] = None, diag_samples: int = 8, command: str = "",
-                 protocol: Protocol = Protocol(), log: Callable = print) -> dict:
+                 protocol: Protocol = Protocol(), zero_shot: Sequence[str] = (), log: Callable = print) -> dict:
     """The FP model and every run of `plan` under `protocol`: PTQ on shared calibration sets, evaluation over the
-    protocol's seeds, bootstrap intervals, diagnostics; writes `out` (markdown), its .json twin and the bootstrap
-    values (.replicates.npz). Returns what the JSON holds."""
+    protocol's seeds, bootstrap intervals, diagnostics; the zero-shot tasks for FP and the runs named in
+    `zero_shot` (`runs.zero_shot_rows`); writes `out` (markdown), its .json twin and the bootstrap values
+    (.replicates.npz). Returns what the JSON holds."""
     if eval_config.ref_samples:
         raise ValueError("the ablation sets ref_samples itself (the FP model's samples); leave it empty")
     if eval_config.dtype not in ev.DTYPES:
@@ -266,7 +268,16 @@ def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str,
         raise ValueError(f"{checkpoint} is a quantized checkpoint; the ablation starts from a full-precision one")
     runs = protocol_runs(plan, protocol)
     check_runs(runs, ck.var_cfg, workdir)
+    unknown = sorted(set(zero_shot) - {r.name for r in runs})
+    if unknown:
+        raise ValueError(f"zero-shot rows {', '.join(unknown)} are not runs of this table; its runs: "
+                         f"{', '.join(r.name for r in runs)}")
     res = ev.load_resources(eval_config, ck.vae_cfg.image_size, ck.var_cfg.num_classes)
+    if zero_shot and res.classifier is None:
+        raise ValueError("zero-shot rows need a classifier (their FD and class accuracy): none fits this model")
+    zs_config = dataclasses.replace(eval_config, seed=protocol.seeds[0], num_images=0)
+    zs_inputs = (zero_shot_rows.make_inputs(res.classifier.info["dataset"], protocol.zero_shot_images, ck, zs_config)
+                 if zero_shot else None)
     vocab = ck.var_cfg.vocab_size
     mesh = parallel.make_mesh(eval_config.model_parallel)
     started = time.perf_counter()
@@ -304,6 +315,15 @@ def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str,
                                                                mesh), "fp", protocol)
         for row in rows:
             _set_estimates(row, values.get(row["name"], {}))
+    zs = None
+    if zero_shot:
+        chosen = [(next(r for r in rows if r["name"] == name), os.path.join(workdir, name),
+                   os.path.join(workdir, name, "ptq", "model")) for name in dict.fromkeys(zero_shot)]
+        zs_rows, zs_values = zero_shot_rows.run_rows(ck, fp_dir, chosen, zs_inputs, zs_config, res, mesh, protocol,
+                                                     log)
+        values = {**values, **zs_values}
+        zs = {"rows": zs_rows, "num_inputs": protocol.zero_shot_images, "box": list(zs_config.box),
+              "seed": zs_config.seed, "tasks": list(zs_config.tasks)}
     diag = run_diagnostics(ck, runs, reports, workdir, diag_samples, log)
     result = {
         "model": default_model.describe(ck), "checkpoint": checkpoint or "default (embedded)",
@@ -316,6 +336,8 @@ def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str,
         "overrides": {k: str(v) for k, v in dict(plan.overrides).items()}, "command": command, **environment(),
         "rows": rows, "diagnostics": diag, "wall_s": round(time.perf_counter() - started, 1),
     }
+    if zs is not None:
+        result["zero_shot"] = zs
     _conclude(result, values, protocol)
     write(out, result)
     log(f"wrote {out} and {os.path.splitext(out)[0]}.json")
@@ -333,6 +355,9 @@ def _set_estimates(row: dict, values: Mapping) -> None:
 def _conclude(result: dict, values: Mapping, protocol: Protocol) -> None:
     result["_values"] = values          # the bootstrap values: written beside the table, not into its JSON
     result["comparisons"] = protocol_lib.comparisons(result["rows"], values) if values else []
+    if result.get("zero_shot"):
+        zero_shot_rows.set_intervals(result["zero_shot"]["rows"], values)
+        result["zero_shot"]["comparisons"] = zero_shot_rows.comparisons(result["zero_shot"]["rows"], values)
     result["findings"] = (protocol_lib.findings(result["rows"], result["comparisons"], protocol)
                           + diagnostic_findings(result["diagnostics"]))
 
@@ -378,7 +403,7 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     joined: Dict[str, Mapping] = {}
     for v in values:
         for name, metrics_ in v.items():
-            if name in joined and name in ("fp", NOISE_ROW):
+            if name in joined and (name in ("fp", NOISE_ROW) or name.endswith(":fp")):
                 if any(not np.array_equal(joined[name][m][1], metrics_[m][1]) for m in metrics_):
                     raise ValueError(f"the parts' bootstrap values of {name} differ: they used other replicate "
                                      f"indices or other FP images")
@@ -425,6 +450,17 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
                   wall_s=max(p.get("wall_s", 0.0) for p in parts),
                   parts=[{k: p.get(k) for k in PART_FIELDS} for p in parts],
                   av_error_from="this merge" if diag_samples > 0 else "the parts")
+    zs_parts = [p["zero_shot"] for p in parts if p.get("zero_shot")]
+    if zs_parts:
+        setting = lambda z: (z["num_inputs"], z["box"], z["seed"], z["tasks"])
+        if any(setting(z) != setting(zs_parts[0]) for z in zs_parts[1:]):
+            raise ValueError("the parts' zero-shot rows were made on other inputs or settings: they cannot be merged")
+        zs_rows = {(r["task"], r["name"]): r for z in zs_parts for r in z["rows"]}
+        result["zero_shot"] = {**{k: zs_parts[0][k] for k in ("num_inputs", "box", "seed", "tasks")},
+                               "rows": sorted(zs_rows.values(), key=lambda r: (
+                                   zs_parts[0]["tasks"].index(r["task"]), r["preset"] != "fp",
+                                   -(r["w_bits"] or 0), -(r["a_bits"] or 0), rank(r["method"]),
+                                   r.get("calib_seed") or 0))}
     _conclude(result, joined, protocol)
     return result
 

@@ -40,6 +40,7 @@ class Protocol:
     calib_dtype: str = "float32"                     # the shared calibration sets' sampler (HIGHEST precision)
     calib_seeds: Tuple[int, ...] = (2025,)           # calibration seeds of every preset (the official seed first)
     extra_calib: Tuple[Tuple[str, Tuple[int, ...]], ...] = (("w4a4", (2026,)),)   # more calib seeds per preset
+    zero_shot_images: int = 1000                     # real inputs of the zero-shot rows (runs.zero_shot_rows)
 
     def __post_init__(self):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -56,6 +57,8 @@ class Protocol:
             raise ValueError(f"replicates must be >= 0, got {self.replicates}")
         if not self.calib_seeds:
             raise ValueError("at least one calibration seed is needed")
+        if self.zero_shot_images < 2:
+            raise ValueError(f"zero_shot_images must be at least 2, got {self.zero_shot_images}")
         if self.calib_dtype not in ("float32", "bfloat16", "auto"):
             raise ValueError(f"calib_dtype must be float32, bfloat16 or auto, got {self.calib_dtype!r}")
 
@@ -130,20 +133,21 @@ def comparisons(rows: Sequence[dict], values: Mapping[str, Mapping[str, Tuple[fl
             ra, rb = by_method[a]["name"], by_method[b]["name"]
             for metric, _, lower in METRICS:
                 if metric in values.get(ra, {}) and metric in values.get(rb, {}):
-                    out.append(_difference(what, preset, cs, ra, rb, metric, lower, values))
+                    out.append(compare(what, preset, cs, ra, rb, metric, lower, values))
     for r in q:
         if "class_accuracy" in values.get(r["name"], {}) and "class_accuracy" in values.get(fp, {}):
-            out.append(_difference("against FP", r["preset"], r.get("calib_seed"), fp, r["name"], "class_accuracy",
+            out.append(compare("against FP", r["preset"], r.get("calib_seed"), fp, r["name"], "class_accuracy",
                                    False, values))
     testable = [c for c in out if c["p"] is not None]
     for c, adj in zip(testable, paired.holm([c["p"] for c in testable])):
         c["p_holm"] = adj
     for c in out:
-        c["verdict"] = _verdict(c)
+        c["verdict"] = verdict_of(c)
     return out
 
 
-def _difference(what, preset, calib_seed, a, b, metric, lower, values) -> dict:
+def compare(what, preset, calib_seed, a, b, metric, lower, values) -> dict:
+    """One stated difference, b − a on `metric`, from the stored replicates (no p when there are none)."""
     (ea, va), (eb, vb) = values[a][metric], values[b][metric]
     c = {"what": what, "preset": preset, "calib_seed": calib_seed, "a": a, "b": b, "metric": metric,
          "lower_is_better": lower, "estimate": float(eb - ea), "low": None, "high": None, "p": None, "p_holm": None}
@@ -153,7 +157,8 @@ def _difference(what, preset, calib_seed, a, b, metric, lower, values) -> dict:
     return c
 
 
-def _verdict(c: dict) -> str:
+def verdict_of(c: dict) -> str:
+    """better / worse only where the Holm-adjusted test and the interval both exclude 0."""
     if c["p_holm"] is None:
         return "no interval (replicates = 0)"
     if c["p_holm"] >= 1 - paired.LEVEL or not (c["low"] > 0 or c["high"] < 0):
@@ -173,7 +178,7 @@ def findings(rows: Sequence[dict], comps: Sequence[dict], protocol: Protocol) ->
     titles = {m: t for m, t, _ in METRICS}
     tested = [c for c in comps if c["p_holm"] is not None]
     if tested:
-        lines.append(f"{len(tested)} comparisons are stated below (method pairs within a bit setting and "
+        lines.append(f"{len(tested)} comparison{'s are' if len(tested) != 1 else ' is'} stated below (method pairs within a bit setting and "
                      f"calibration seed on {', '.join(titles[m] for m, _, _ in METRICS)}, and each quantized row's "
                      f"class accuracy against FP); p-values are Holm-adjusted over all {len(tested)}, intervals are "
                      f"95 % paired bootstrap intervals ({protocol.replicates} replicates over "

@@ -151,4 +151,7 @@ def to_markdown(result: dict) -> str:
     else:
         lines += ["Frequency mismatch: no run resampled its calibration data.", ""]
     lines += ["## What the numbers show", ""] + [f"- {x}" for x in result["findings"]]
+    if result.get("zero_shot"):
+        from varq_jax.runs import zero_shot_rows
+        lines += [""] + zero_shot_rows.to_markdown(result["zero_shot"])
     return "\n".join(lines) + "\n"
