@@ -10,7 +10,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 T0=$(date +%s)
 W=/tmp/research; mkdir -p $W
-for f in benchmarks/2026-12-02-session10/part1/*.tgz .research/var_export.tgz; do tar -C $W -xzf $f; done
+for f in .research/vqvae_export.tgz .research/classifier_export.tgz .research/var_export.tgz; do tar -C $W -xzf $f; done
 python -m experiments.ship_default --model=research --workdir=$W --commit=$(cat .research/commit 2>/dev/null || echo unknown) \
     --device="NVIDIA H200" --date=$(date -u +%F) 2>&1 | tail -1
 python -m experiments.ablate --checkpoint=research --presets=w4a4 --methods=baseline --extra_calib= \

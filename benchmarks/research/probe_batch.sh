@@ -6,7 +6,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 for B in 256 512; do
     W=/tmp/probe$B; mkdir -p $W
-    for f in benchmarks/2026-12-02-session10/part1/vqvae_export.tgz; do tar -C $W -xzf $f; done
+    for f in .research/vqvae_export.tgz; do tar -C $W -xzf $f; done
     echo "batch $B" | tee -a $OUT/probe.log
     timeout 140 python -m experiments.train --config=configs/train_research.py --workdir=$W --stage=var \
         --config.var.batch_size=$B --config.stop_at_step=200 --config.var.log_every=50 --config.var.ckpt_every=100000 \
