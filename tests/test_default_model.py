@@ -32,8 +32,24 @@ def test_loads_with_provenance(model):
     assert prov["command"].startswith("python -m experiments.train") and prov["seed"] == 0
     assert len(prov["commit"]) == 40 and prov["device"]
     assert model.var_cfg.num_classes == shapes.NUM_CLASSES and model.vae_cfg.image_size == 64
-    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(default_model.ASSETS) for f in fs)
-    assert total < 25e6, f"shipped assets are {total / 1e6:.1f} MB"
+    assert _size(default_model.ASSETS / "default") < 25e6
+
+
+def _size(path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_the_research_model_is_shipped_with_provenance_within_16_mb():
+    """Issue 18: the second embedded model, its own 100-class classifier, ≤ 16 MB of files."""
+    from varq_jax.eval import features
+    research = default_model.load_model("research")
+    prov = research.meta["provenance"]
+    assert prov["command"].startswith("python -m experiments.train --config=configs/train_research.py")
+    assert research.var_cfg.num_classes == 100 and research.var_cfg.depth >= 12
+    assert research.var_cfg.patch_nums == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    clf = features.load_classifier(str(default_model.ASSETS / "research" / "classifier"))
+    assert clf.info["num_classes"] == 100 and clf.info["dataset"] == "shapes100" and clf.info["test_accuracy"] >= 0.95
+    assert _size(default_model.ASSETS / "research") <= 16e6, f"{_size(default_model.ASSETS / 'research') / 1e6} MB"
 
 
 def test_classifier_recognises_fresh_real_images(classifier):
