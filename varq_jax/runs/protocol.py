@@ -6,8 +6,9 @@ floor: how far apart two FP sets are). Each quantization method runs on the cali
 seed, made once in float32 at HIGHEST precision and shared by every row of that seed (its fingerprint in each row);
 at low bits (`extra_calib`) methods run on further calibration seeds, so a method difference is seen on more than
 one calibration set. Intervals are paired bootstrap intervals over image indices (`varq_jax.eval.paired`): the
-same replicate indices for every row, Fréchet distances recomputed per replicate, the bootstrap's own bias removed. A finding calls a difference only
-where its interval excludes zero after Holm's adjustment over every comparison the table states.
+same replicate indices for every row, Fréchet distances recomputed per replicate, the bootstrap's own bias
+removed. A finding calls a difference only where its interval excludes zero after Holm's adjustment over every
+comparison the table states.
 """
 import dataclasses
 import os
@@ -103,10 +104,13 @@ def bootstrap(sets: Mapping[str, Mapping[str, np.ndarray]], real_features: Optio
     """{row: {metric: (estimate on all images, values per replicate)}}; the noise row's fd_fp is its distance to
     the FP set of the seeds (index-paired by position)."""
     n = len(next(iter(sets.values()))["correct"])
+    return paired.set_replicates(dict(sets), real_features, fp, replicate_indices(n, protocol))
+
+
+def replicate_indices(n: int, protocol: Protocol) -> np.ndarray:
+    """The protocol's [replicates, n] bootstrap indices (none when replicates = 0)."""
     indices = paired.replicate_indices(n, max(protocol.replicates, 1), protocol.bootstrap_seed)
-    if protocol.replicates == 0:
-        indices = indices[:0]
-    return paired.set_replicates(dict(sets), real_features, fp, indices)
+    return indices[:protocol.replicates]
 
 
 def row_intervals(values: Mapping[str, Tuple[float, np.ndarray]]) -> Dict[str, dict]:
@@ -137,13 +141,18 @@ def comparisons(rows: Sequence[dict], values: Mapping[str, Mapping[str, Tuple[fl
     for r in q:
         if "class_accuracy" in values.get(r["name"], {}) and "class_accuracy" in values.get(fp, {}):
             out.append(compare("against FP", r["preset"], r.get("calib_seed"), fp, r["name"], "class_accuracy",
-                                   False, values))
-    testable = [c for c in out if c["p"] is not None]
+                               False, values))
+    return adjust(out)
+
+
+def adjust(comps: List[dict]) -> List[dict]:
+    """One family of comparisons: Holm-adjusted p-values over those with a p, and each one's verdict."""
+    testable = [c for c in comps if c["p"] is not None]
     for c, adj in zip(testable, paired.holm([c["p"] for c in testable])):
         c["p_holm"] = adj
-    for c in out:
+    for c in comps:
         c["verdict"] = verdict_of(c)
-    return out
+    return comps
 
 
 def compare(what, preset, calib_seed, a, b, metric, lower, values) -> dict:

@@ -72,18 +72,15 @@ def evaluate_row(model, row_dir: str, inputs: dict, config: ev.EvalConfig, res: 
 def run_rows(fp_model, fp_dir: str, runs: Sequence[Tuple[dict, str, str]], inputs: dict, config: ev.EvalConfig,
              res: ev.Resources, mesh, protocol, log: Callable) -> Tuple[List[dict], dict]:
     """(rows, bootstrap values) of the FP model (outputs in fp_dir) and each (table row, run_dir, checkpoint) of
-    `runs`, every task on the same inputs and keys (config.seed)."""
-    if res.classifier is None:
-        raise ValueError("zero-shot rows need a classifier (their FD and class accuracy)")
+    `runs`, every task on the same inputs and keys (config.seed); needs `res.classifier`. The rows' estimates and
+    intervals are set from the values by `set_intervals` (the table's conclusion, also after a merge)."""
     per_row = {"fp": (None, evaluate_row(fp_model, fp_dir, inputs, config, res, mesh, log))}
     for row, run_dir, checkpoint in runs:
         model = default_model.load_model(checkpoint, execution=config.execution)
         per_row[row["name"]] = (row, evaluate_row(model, run_dir, inputs, config, res, mesh, log))
     stamp = ("zero-shot-inputs", inputs["sha256"])
     ref = res.features(res.classifier, stamp, inputs["images"], mesh, config.feature_batch)["features"]
-    indices = paired.replicate_indices(len(inputs["images"]), max(protocol.replicates, 1), protocol.bootstrap_seed)
-    if protocol.replicates == 0:
-        indices = indices[:0]
+    indices = protocol_lib.replicate_indices(len(inputs["images"]), protocol)
     rows, values = [], {}
     for task in config.tasks:
         sets = {name: {"correct": d[task]["predicted"] == d[task]["labels"], "features": d[task]["features"],
@@ -92,7 +89,6 @@ def run_rows(fp_model, fp_dir: str, runs: Sequence[Tuple[dict, str, str]], input
             values[value_name(task, name)] = v
         for name, (row, _) in per_row.items():
             rows.append(_row(task, name, row))
-    set_intervals(rows, values)
     return rows, values
 
 
@@ -127,12 +123,7 @@ def comparisons(rows: Sequence[dict], values: Mapping, pair: Tuple[str, str] = C
                     c = protocol_lib.compare(f"{a} → {b}", preset, cs, value_name(task, by[a]),
                                              value_name(task, by[b]), metric, lower, values)
                     out.append(dict(c, task=task, a=by[a], b=by[b]))
-    tested = [c for c in out if c["p"] is not None]
-    for c, adj in zip(tested, paired.holm([c["p"] for c in tested])):
-        c["p_holm"] = adj
-    for c in out:
-        c["verdict"] = protocol_lib.verdict_of(c)
-    return out
+    return protocol_lib.adjust(out)
 
 
 def _cell(row: dict, metric: str) -> str:
