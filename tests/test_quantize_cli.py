@@ -114,6 +114,7 @@ def test_bad_config_stops_before_writing(tmp_path, override, checkpoint_path, me
     ("evaluate", ["--seed=1"], "error: --seed is now --config.seed"),
     ("evaluate", ["--checkpoint=/nonexistent/ck", "--checkpoints=a,b"], "error: give --checkpoint or --checkpoints"),
     ("sample", ["--checkpoint=/nonexistent/ck"], "error: checkpoint directory '/nonexistent/ck' does not exist"),
+    ("evaluate", ["--config=configs/eval.py:ablate,resarch"], "error: unknown eval config argument 'resarch'"),
 ])
 def test_cli_user_errors_are_one_line(tmp_path, module, args, message):
     r = subprocess.run([sys.executable, "-m", f"experiments.{module}", f"--out={tmp_path / 'o'}"
@@ -121,3 +122,10 @@ def test_cli_user_errors_are_one_line(tmp_path, module, args, message):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_config_variants_compose():
+    from configs import eval as eval_config
+    base, both = eval_config.get_config(), eval_config.get_config("ablate,research")
+    assert (both.num_images, both.top_p) == (1000, 0.5) and (base.num_images, base.top_p) == (0, 0.96)
+    assert eval_config.get_config("research").num_images == 0 and both.top_k == base.top_k

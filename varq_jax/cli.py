@@ -103,8 +103,8 @@ def _rewrite_config_argv(argv: list, flag: str, prefix: str, default: str = None
             out.append(a)
         i += 1
     overrides = [a[len(flag) + 3:].split("=", 1)[0] for a in out if a.startswith(f"--{flag}.")]
-    if overrides and spec is not None:
-        valid = _fields(load_config(spec))
+    if spec is not None:
+        valid = _fields(load_config(spec))   # also refuses a bad config argument here, in one line
         unknown = [o for o in overrides if o not in valid]
         if unknown:
             raise ValueError(f"unknown config field(s) {', '.join(unknown)}; valid fields: {', '.join(valid)}")
