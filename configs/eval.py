@@ -9,7 +9,7 @@ import ml_collections
 def get_config(arg: str = ""):
     """arg: comma-separated variants. "ablate": the ablation protocol's defaults (num_images is per seed);
     "research": the research model's sampling (top-p 0.5, docs/research_model.md: at the official 0.96 its FP
-    class accuracy is 0.88, at 0.5 0.94 with the same W4A4 gap), e.g. `--eval=configs/eval.py:ablate,research`."""
+    class accuracy is 0.88, at 0.5 0.94, with W4A4 still 0.14 below it), e.g. `--eval=configs/eval.py:ablate,research`."""
     variants = [v for v in arg.split(",") if v]
     unknown = [v for v in variants if v not in ("ablate", "research")]
     if unknown:
