@@ -53,9 +53,12 @@ flags.DEFINE_enum("calib_dtype", "float32", ["float32", "bfloat16", "auto"], "pr
                   "calibration sets' sampler (float32: HIGHEST matmul precision, as the official)")
 flags.DEFINE_list("zero_shot", [], "zero-shot rows (inpaint, outpaint, edit) for the FP model and these runs, e.g. "
                   "w4a6_baseline,w4a6_full (runs of this table; none: no zero-shot section)")
+flags.DEFINE_list("calibration", [], "calibration sets of earlier invocations to share instead of sampling them "
+                  "again (a quantize workdir, its state/ or state/calibration), one per calibration seed")
 flags.DEFINE_integer("zero_shot_images", 1000, "protocol: real test images the zero-shot rows regenerate")
-flags.DEFINE_list("merge", None, "instead of running: merge these ablation JSONs (invocations that ran side by side on "
-                  "one --workdir, e.g. one per GPU) into --out; the A·V diagnostic is recomputed on --checkpoint")
+flags.DEFINE_list("merge", None, "instead of running: merge these ablation JSONs (separate invocations, e.g. one per "
+                  "GPU or per device session) into --out; the A·V diagnostic is recomputed on --checkpoint; the runs "
+                  "of --presets × --methods (and --extra_calib) that no part holds are listed as not run")
 
 _OVERRIDES = []
 
@@ -79,7 +82,7 @@ def main(argv):
         plan = cli.ablation_plan(FLAGS.presets, FLAGS.methods, cli.parse_override_args(_OVERRIDES))
         result = ablation.run_ablation(plan, config, FLAGS.workdir, FLAGS.out, checkpoint=FLAGS.checkpoint,
                                        diag_samples=FLAGS.diag_samples, command=command, protocol=_protocol(e),
-                                       zero_shot=FLAGS.zero_shot)
+                                       zero_shot=FLAGS.zero_shot, calibration=FLAGS.calibration)
     print("\n".join(results_table.table(result["rows"])))
 
 
@@ -125,8 +128,10 @@ def _merge(command: str) -> dict:
     from varq_jax.runs import protocol
     values = [protocol.load_values(protocol.values_path(path)) for path in FLAGS.merge]
     ck = default_model.load_model(FLAGS.checkpoint) if FLAGS.diag_samples > 0 else None
+    planned = ablation.protocol_runs(cli.ablation_plan(FLAGS.presets, FLAGS.methods), _protocol(FLAGS.eval))
     result = ablation.merge(parts, values=values, ck=ck, workdir=FLAGS.workdir, diag_samples=FLAGS.diag_samples,
-                            command=command, method_order=cli.METHODS, make_plan=cli.ablation_plan)
+                            command=command, method_order=cli.METHODS, make_plan=cli.ablation_plan,
+                            planned=[r.name for r in planned])
     results_table.write(FLAGS.out, result)
     print(f"wrote {FLAGS.out} and {FLAGS.out[:-3]}.json")
     return result

@@ -229,7 +229,7 @@ def test_merge_refuses_parts_that_do_not_belong_together(ablation_run):
     with pytest.raises(ValueError, match="differs from part 0 in num_images"):
         ablation.merge([a, {**b, "num_images": 21}])
     b_fp = json.loads(json.dumps(b))
-    b_fp["rows"][0]["fd_real"] += 1.0
+    b_fp["rows"][0]["fd_real"] += 1e3                          # far beyond the noise floor
     with pytest.raises(ValueError, match="FP rows differ"):
         ablation.merge([a, b_fp])
     with pytest.raises(ValueError, match="more than one part"):
@@ -434,3 +434,44 @@ def test_zero_shot_rows_on_the_same_inputs_with_intervals(ablation_run):
     assert "## Zero-shot tasks" in md and "### edit" in md and "No baseline/full pair" in md
     merged = ablation.merge([json.load(open(root / "ZS.json"))], values=[values])
     assert merged["zero_shot"]["rows"] == zs["rows"]
+
+
+def test_a_calibration_set_of_an_earlier_invocation_is_checked_before_any_work(ablation_run):
+    root, result, _ = ablation_run
+    ck = checkpoint.load(str(root / "model"))
+    made = str(root / "wd" / "w4a6_baseline" / "ptq")
+    runs = ablation.protocol_runs(cli.ablation_plan(["w4a6"], ["baseline", "brecq"], OVERRIDES), PROTOCOL)
+    given = ablation._given_calibration([made], ck, runs, PROTOCOL)
+    assert given == {2025: os.path.join(made, "state", "calibration")}
+    row = next(r for r in result["rows"] if r["name"] == "w4a6_brecq")
+    assert row["calibration"] is not None           # the set every row of the seed shares, named by its fingerprint
+    other = ablation.protocol_runs(cli.ablation_plan(["w4a6"], ["baseline"], {**OVERRIDES, "calib.top_k": "7"}),
+                                   PROTOCOL)
+    with pytest.raises(ValueError, match="does not fit run w4a6_baseline: calib.top_k"):
+        ablation._given_calibration([made], ck, other, PROTOCOL)
+    seeds = dataclasses.replace(PROTOCOL, calib_seeds=(7,))
+    with pytest.raises(ValueError, match="has seed 2025; the runs of this table use 7"):
+        ablation._given_calibration([made], ck, ablation.protocol_runs(cli.ablation_plan(["w4a6"], ["baseline"],
+                                                                                         OVERRIDES), seeds), seeds)
+    with pytest.raises(ValueError, match="two calibration sets of seed 2025"):
+        ablation._given_calibration([made, made], ck, runs, PROTOCOL)
+    with pytest.raises(ValueError, match="holds no calibration set"):
+        _ablate(root, out="R4.md", calibration=[str(root / "clf")])
+    assert not (root / "R4.md").exists()
+
+
+def test_parts_from_separate_device_sessions_merge_within_the_noise_floor(ablation_run):
+    _, result, _ = ablation_run
+    (a, b), values = _split(result)
+    fp, noise = (next(r for r in result["rows"] if r["name"] == n) for n in ("fp", NOISE_ROW))
+    gap = abs(noise["fd_real"] - fp["fd_real"])
+    near = json.loads(json.dumps(b))
+    near["rows"][0]["fd_real"] += 0.01 * gap                  # rounding of another session's kernels
+    merged = ablation.merge([a, near], values=values, method_order=cli.METHODS)
+    assert merged["rows"][0] == a["rows"][0]                  # part 0's FP row is the table's
+    assert any("separate device sessions" in n and f"{0.01 * gap:.4g} in FD to real" in n
+               for n in merged["eval_notes"])
+    far = json.loads(json.dumps(b))
+    far["rows"][0]["fd_real"] += 0.2 * gap
+    with pytest.raises(ValueError, match="FP rows differ.*fd_real differs by"):
+        ablation.merge([a, far], values=values)

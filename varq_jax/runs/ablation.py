@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from varq_jax import default_model, parallel
+from varq_jax import default_model, fingerprint, parallel
 from varq_jax.files import atomic_write
 from varq_jax.eval import evaluate as ev
 from varq_jax.eval import metrics
@@ -209,12 +209,14 @@ def environment() -> dict:
 
 def protocol_runs(plan: Plan, protocol: Protocol) -> List[Run]:
     """The plan's runs on every calibration seed the protocol gives their preset, each config set to make (or
-    share) that seed's calibration set in the protocol's dtype."""
+    share) that seed's calibration set in the protocol's dtype. No PTQ comparison grid: each row's evaluation keeps
+    its own (eval_s*/grid.png), and the grid costs two more sampler compilations per row."""
     runs = []
     for r in plan.runs:
         for cs in protocol.calib_seeds_of(r.preset):
             config = r.config.copy_and_resolve_references()
             config.calib.seed, config.calib.dtype = cs, protocol.calib_dtype
+            config.samples.num = 0
             runs.append(dataclasses.replace(r, config=config, calib_seed=cs,
                                             first_calib_seed=protocol.calib_seeds[0]))
     return runs
@@ -245,13 +247,45 @@ def _real_features(res: ev.Resources, eval_config: ev.EvalConfig, protocol: Prot
                         ev._real_images(dataset, n, image_size), mesh, eval_config.feature_batch)["features"]
 
 
+def _given_calibration(paths: Sequence[str], ck, runs: Sequence[Run], protocol: Protocol) -> Dict[int, str]:
+    """{calibration seed: stage directory} of the sets in `paths`, checked before any work: made from this model,
+    on a seed some run uses, in the protocol's dtype, with the runs' calibration settings, one set per seed."""
+    model_id = fingerprint.model_digest(ck)
+    seeds = sorted({r.calib_seed for r in runs})
+    given = {}
+    for path in paths:
+        source = ptq_run.calibration_path(path)
+        record = ptq_run.load_calibration(source, model_id)[1]["fingerprint"]
+        seed = record.get("calib.seed")
+        if seed not in seeds:
+            raise ValueError(f"the calibration set {path!r} has seed {seed}; the runs of this table use "
+                             f"{', '.join(map(str, seeds))}")
+        if seed in given:
+            raise ValueError(f"two calibration sets of seed {seed} given: {given[seed]!r} and {source!r}")
+        if protocol.calib_dtype != "auto" and record.get("calib.dtype") != protocol.calib_dtype:
+            raise ValueError(f"the calibration set {path!r} was sampled in {record.get('calib.dtype')}, the "
+                             f"protocol's sets in {protocol.calib_dtype}")
+        for r in runs:
+            calib = pipeline.from_config(r.config, ck.var_cfg)[1].calib
+            wrong = [f.name for f in dataclasses.fields(calib) if r.calib_seed == seed and f.name != "dtype"
+                     and record.get(f"calib.{f.name}") != getattr(calib, f.name)]
+            if wrong:
+                raise ValueError(f"the calibration set {path!r} does not fit run {r.name}: calib.{wrong[0]} is "
+                                 f"{record.get('calib.' + wrong[0])!r} there, {getattr(calib, wrong[0])!r} here")
+        given[seed] = source
+    return given
+
+
 def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str, *,
                  checkpoint: Optional[str] = None, diag_samples: int = 8, command: str = "",
-                 protocol: Protocol = Protocol(), zero_shot: Sequence[str] = (), log: Callable = print) -> dict:
+                 protocol: Protocol = Protocol(), zero_shot: Sequence[str] = (), calibration: Sequence[str] = (),
+                 log: Callable = print) -> dict:
     """The FP model and every run of `plan` under `protocol`: PTQ on shared calibration sets, evaluation over the
     protocol's seeds, bootstrap intervals, diagnostics; the zero-shot tasks for FP and the runs named in
     `zero_shot` (`runs.zero_shot_rows`); writes `out` (markdown), its .json twin and the bootstrap values
-    (.replicates.npz). Returns what the JSON holds."""
+    (.replicates.npz). `calibration`: calibration sets of earlier invocations (e.g. another part of the table, run
+    on another machine), shared by the runs of their seeds instead of sampling them again. Returns what the JSON
+    holds."""
     if eval_config.ref_samples:
         raise ValueError("the ablation sets ref_samples itself (the FP model's samples); leave it empty")
     if eval_config.dtype not in ev.DTYPES:
@@ -268,6 +302,7 @@ def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str,
         raise ValueError(f"{checkpoint} is a quantized checkpoint; the ablation starts from a full-precision one")
     runs = protocol_runs(plan, protocol)
     check_runs(runs, ck.var_cfg, workdir)
+    given = _given_calibration(calibration, ck, runs, protocol)
     unknown = sorted(set(zero_shot) - {r.name for r in runs})
     if unknown:
         raise ValueError(f"zero-shot rows {', '.join(unknown)} are not runs of this table; its runs: "
@@ -295,7 +330,7 @@ def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str,
         rows.append(_row(NOISE_ROW, "fp", "other seeds", noise_results, noise_s, None, bops=fp_bops))
         sets[NOISE_ROW] = noise_images
     fp_dirs = [os.path.join(fp_dir, f"eval_s{s}") for s in protocol.seeds]
-    reports, shared = {}, {}
+    reports, shared = {}, dict(given)
     for i, r in enumerate(runs):
         log(f"=== {i + 1}/{len(runs)}: {r.name} (calibration seed {r.calib_seed}) ===")
         run_dir = os.path.join(workdir, r.name)
@@ -367,16 +402,58 @@ SHARED = ("model", "checkpoint", "random_weights", "num_images", "protocol", "ev
 PART_FIELDS = ("command", "device", "host", "date", "jax", "wall_s")
 
 
+FP_TOLERANCE = 0.1      # of the noise floor: how far apart the parts' FP rows may be (see _fp_agreement)
+FP_METRICS = ("class_accuracy", "fd_real", "fd_fp")
+
+
+def _fp_agreement(fp_rows: Sequence[Sequence[dict]]) -> Optional[str]:
+    """None when the parts' FP rows are equal (one device session: the same samples bit for bit). Parts made on
+    separate GPU sessions sample the same keys and labels, but autotuned kernels round differently, so their FP
+    rows differ slightly; they are merged when every FP metric is within FP_TOLERANCE of the noise floor's distance
+    (part 0's FP row against its other-seeds row; 'FD to FP' against the noise row's own), with part 0's FP rows
+    the table's and each part's 'FD to FP' against its own FP set — said in the returned note."""
+    same = lambda rs: [{k: v for k, v in r.items() if k != "eval_s"} for r in rs]
+    if all(same(rs) == same(fp_rows[0]) for rs in fp_rows[1:]):
+        return None
+    refused = ValueError("the parts' FP rows differ: they were not sampled alike (same model, protocol and "
+                         "device, so that the FP samples, the reference of 'FD to FP', are the same)")
+    by_name = [{r["name"]: r for r in rs} for rs in fp_rows]
+    if any(set(b) != set(by_name[0]) for b in by_name[1:]) or NOISE_ROW not in by_name[0]:
+        raise refused
+    fp, noise = by_name[0]["fp"], by_name[0][NOISE_ROW]
+    floor = {"class_accuracy": abs(noise["class_accuracy"] - fp["class_accuracy"]),
+             "fd_real": abs(noise["fd_real"] - fp["fd_real"]), "fd_fp": noise["fd_fp"]}
+    worst = {m: 0.0 for m in FP_METRICS}
+    for b in by_name[1:]:
+        for name, r in b.items():
+            for m in FP_METRICS:
+                x, x0 = r.get(m), by_name[0][name].get(m)
+                if (x is None) != (x0 is None):
+                    raise refused
+                if x is not None:
+                    worst[m] = max(worst[m], abs(x - x0))
+    over = [m for m in FP_METRICS if worst[m] > FP_TOLERANCE * floor[m]]
+    if over:
+        raise ValueError(f"{refused} — {over[0]} differs by {worst[over[0]]:.4g}, more than {FP_TOLERANCE} of the "
+                         f"noise floor's {floor[over[0]]:.4g}")
+    return (f"the parts' FP sets were sampled in separate device sessions (same keys and labels): their FP rows "
+            f"differ by at most {worst['class_accuracy']:.4g} in class accuracy, {worst['fd_real']:.4g} in FD to "
+            f"real and {worst['fd_fp']:.4g} in FD to FP (≤ {FP_TOLERANCE} of the noise floor's distance); the FP "
+            f"rows are part 0's, and each part's 'FD to FP' is against its own FP set")
+
+
 def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, workdir: str = "", diag_samples: int = 0,
           command: str = "", method_order: Sequence[str] = (), make_plan: Optional[Callable] = None,
-          log: Callable = print) -> dict:
+          planned: Sequence[str] = (), log: Callable = print) -> dict:
     """One table from ablation results of separate invocations on the same model and evaluation settings (e.g.
     one per GPU, each with its own presets/methods): rows with higher bit widths first, methods in `method_order`
     (else as the parts list them), the FP row once, the frequency-mismatch diagnostics joined, and the A·V
     diagnostic recomputed here on `ck` (the parts' model) when `diag_samples` > 0 — `make_plan(presets, methods,
     overrides)` gives the runs' configs — else joined from the parts. Mismatched parts are a ValueError, before
     any work. `values`: each part's bootstrap values (its .replicates.npz), joined so that the comparisons and
-    their Holm adjustment are made over the whole table."""
+    their Holm adjustment are made over the whole table. The parts' protocols may differ only in `extra_calib`
+    (which runs exist); the table's is their union. `planned`: run names of the whole table, those absent listed as
+    not run."""
     order_of = list(method_order) or list(dict.fromkeys(m for p in parts for m in p.get("methods", [])))
     rank = lambda m: order_of.index(m) if m in order_of else len(order_of)
     if not parts:
@@ -386,27 +463,27 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     if old:
         raise ValueError(f"part {old[0]} ({parts[old[0]].get('command')!r}) was made before the evaluation protocol "
                          f"(no seeds, no intervals): run it again with this version")
+    settings = lambda p: {**p, "protocol": {k: v for k, v in p["protocol"].items() if k != "extra_calib"}}
     for i, p in enumerate(parts[1:], 1):
-        diff = [k for k in SHARED if p.get(k) != first.get(k)]
+        diff = [k for k in SHARED if settings(p).get(k) != settings(first).get(k)]
         if diff:
             raise ValueError(f"part {i} ({p.get('command')!r}) differs from part 0 in {', '.join(diff)}: "
                              f"only tables of the same model and evaluation settings can be merged")
     fp_rows = [[r for r in p["rows"] if r["preset"] == "fp"] for p in parts]
     if any(not any(r["name"] == "fp" for r in rs) for rs in fp_rows):
         raise ValueError("every part must hold the FP row")
-    same = lambda rs: [{k: v for k, v in r.items() if k != "eval_s"} for r in rs]
-    if any(same(rs) != same(fp_rows[0]) for rs in fp_rows[1:]):
-        raise ValueError("the parts' FP rows differ: they were not sampled alike (same model, protocol and "
-                         "device, so that the FP samples, the reference of 'FD to FP', are the same)")
+    fp_note = _fp_agreement(fp_rows)
     if values and len(values) != len(parts):
         raise ValueError(f"{len(parts)} parts but {len(values)} sets of bootstrap values")
     joined: Dict[str, Mapping] = {}
     for v in values:
         for name, metrics_ in v.items():
             if name in joined and (name in ("fp", NOISE_ROW) or name.endswith(":fp")):
-                if any(not np.array_equal(joined[name][m][1], metrics_[m][1]) for m in metrics_):
+                if fp_note is None and any(not np.array_equal(joined[name][m][1], metrics_[m][1])
+                                           for m in metrics_):
                     raise ValueError(f"the parts' bootstrap values of {name} differ: they used other replicate "
                                      f"indices or other FP images")
+                continue                                          # part 0's FP values are the table's
             joined[name] = metrics_
     rows, seen = [], set()
     for p in parts:
@@ -422,7 +499,11 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     for row in rows:                     # intervals by this version's rule, from the stored replicates
         if row["name"] in joined:
             _set_estimates(row, joined[row["name"]])
-    protocol = protocol_lib.from_dict(first["protocol"])
+    extra: Dict[str, list] = {}
+    for p in parts:
+        for preset, seeds in dict(p["protocol"].get("extra_calib", {})).items():
+            extra[preset] = sorted(set(extra.get(preset, [])) | set(seeds))
+    protocol = protocol_lib.from_dict({**first["protocol"], "extra_calib": extra})
     presets = list(dict.fromkeys(r["preset"] for r in q))
     methods = sorted({r["method"] for r in q}, key=rank)
     order = {r["name"]: i for i, r in enumerate(rows)}
@@ -445,7 +526,9 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
         reports = {r["name"]: {"theta": r["theta"]} for r in q}
         diag["av_error"] = run_diagnostics(ck, runs, reports, workdir, diag_samples, log)["av_error"]
     result = {k: first[k] for k in SHARED}
-    result.update(eval_notes=first.get("eval_notes", []), presets=presets, methods=methods, command=command,
+    result["protocol"] = protocol.to_dict()
+    result["not_run"] = [name for name in planned if name not in seen]
+    result.update(eval_notes=first.get("eval_notes", []) + ([fp_note] if fp_note else []), presets=presets, methods=methods, command=command,
                   **environment(), rows=rows, diagnostics=diag,
                   wall_s=max(p.get("wall_s", 0.0) for p in parts),
                   parts=[{k: p.get(k) for k in PART_FIELDS} for p in parts],

@@ -111,13 +111,15 @@ def to_markdown(result: dict) -> str:
               _images_line(result),
               f"- PTQ overrides: {', '.join(f'{k}={v}' for k, v in result['overrides'].items()) or 'none'}"]
     if result.get("parts"):
-        lines.append(f"- Made in {len(result['parts'])} parts, invocations that ran side by side on one workdir "
-                     f"(their PTQ and eval times include sharing devices and host CPUs):")
+        lines.append(f"- Made in {len(result['parts'])} parts, separate invocations (side by side on one workdir, "
+                     f"or one after another; their PTQ and eval times are their own):")
         lines += [f"  - `{p['command']}` — {p['device']}, host {p['host']}, {p['date']}, jax {p['jax']}, "
                   f"{p['wall_s']:.0f} s" for p in result["parts"]]
         lines.append(f"- Merged by `{result['command'] or '(library call)'}` — {result['device']}, host "
                      f"{result['host']}, {result['date']}, jax {result['jax']} "
                      f"(A·V diagnostic from {result['av_error_from']})")
+        if result.get("not_run"):
+            lines.append(f"- Rows of the planned table not run yet: {', '.join(result['not_run'])}")
     else:
         lines += [f"- Device: {result['device']}, host {result['host']}, {result['date']}, jax {result['jax']}; "
                   f"wall time of this invocation {result['wall_s']:.0f} s",

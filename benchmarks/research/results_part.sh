@@ -1,0 +1,29 @@
+#!/bin/bash
+# One part of RESULTS.md on the research model (one H200 command; issue 18 item 4). Runs the ablation protocol
+# (FP over seeds 0-2, the noise floor over 3-5, 2,000 paired replicates) at the research sampling (top-p 0.5) for
+# the rows its flags choose, with the settings of part_p05 (benchmarks/2026-12-02-session12/accept_p05), so that
+# every part merges with it. Its outputs come back as one $OUT/NAME.tgz (the device returns at most 8 files): the
+# part's .md/.json/.replicates.npz, its log, and the calibration sets it made (calib_RUN.tgz); the seed-2025
+# set of an earlier part, carried as .research/calib_2025.tgz, is shared instead of sampled again (--calibration).
+#   results_part.sh NAME [ablate flags], e.g. results_part.sh w4a4_recon --presets=w4a4 --methods=brecq,full
+# Parts that share a workdir (--workdir=...) skip the FP evaluations they find there.
+set -o pipefail
+NAME=$1; shift
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+T0=$(date +%s)
+W=/tmp/research/$NAME; O=/tmp/research/out_$NAME; mkdir -p $W $O
+CAL=()
+if [ -f .research/calib_2025.tgz ]; then
+    mkdir -p /tmp/research/calib_2025 && tar -C /tmp/research/calib_2025 -xzf .research/calib_2025.tgz
+    CAL=(--calibration=/tmp/research/calib_2025/calibration)
+fi
+python -m experiments.ablate --checkpoint=research --eval.top_p=0.5 --extra_calib= --per_device_batch=250 \
+    --feature_batch=250 --diag_samples=0 --workdir=$W --out=$O/part_$NAME.md "${CAL[@]}" "$@" 2>&1 \
+    | grep --line-buffered -v "^W\|^I" | tee -a $O/$NAME.log
+[ ${#CAL[@]} -eq 0 ] && for c in $W/*/ptq/state/calibration; do
+    [ -d "$c" ] || continue
+    run=$(basename $(dirname $(dirname $(dirname $c))))
+    tar -C $(dirname $c) -czf $O/calib_${run}.tgz calibration
+done
+echo "total $(( $(date +%s) - T0 )) s" | tee -a $O/$NAME.log
