@@ -53,6 +53,8 @@ flags.DEFINE_enum("calib_dtype", "float32", ["float32", "bfloat16", "auto"], "pr
                   "calibration sets' sampler (float32: HIGHEST matmul precision, as the official)")
 flags.DEFINE_list("zero_shot", [], "zero-shot rows (inpaint, outpaint, edit) for the FP model and these runs, e.g. "
                   "w4a6_baseline,w4a6_full (runs of this table; none: no zero-shot section)")
+flags.DEFINE_list("runs", [], "run only these runs of --presets × --methods (names as in the table, e.g. "
+                  "w4a4_baseline_c2026): a part of a table joined later with --merge")
 flags.DEFINE_list("calibration", [], "calibration sets of earlier invocations to share instead of sampling them "
                   "again (a quantize workdir, its state/ or state/calibration), one per calibration seed")
 flags.DEFINE_integer("zero_shot_images", 1000, "protocol: real test images the zero-shot rows regenerate")
@@ -82,7 +84,8 @@ def main(argv):
         plan = cli.ablation_plan(FLAGS.presets, FLAGS.methods, cli.parse_override_args(_OVERRIDES))
         result = ablation.run_ablation(plan, config, FLAGS.workdir, FLAGS.out, checkpoint=FLAGS.checkpoint,
                                        diag_samples=FLAGS.diag_samples, command=command, protocol=_protocol(e),
-                                       zero_shot=FLAGS.zero_shot, calibration=FLAGS.calibration)
+                                       zero_shot=FLAGS.zero_shot, calibration=FLAGS.calibration,
+                                       only=FLAGS.runs)
     print("\n".join(results_table.table(result["rows"])))
 
 

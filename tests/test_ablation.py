@@ -475,3 +475,15 @@ def test_parts_from_separate_device_sessions_merge_within_the_noise_floor(ablati
     far["rows"][0]["fd_real"] += 0.2 * gap
     with pytest.raises(ValueError, match="FP rows differ.*fd_real differs by"):
         ablation.merge([a, far], values=values)
+
+
+def test_a_part_of_the_table_runs_only_the_named_runs(ablation_run):
+    root, result, _ = ablation_run
+    logs = []
+    part = _ablate(root, out="R5.md", only=["w4a6_brecq"], log=logs.append)   # resumed: nothing is recomputed
+    assert [r["name"] for r in part["rows"]] == ["fp", NOISE_ROW, "w4a6_brecq"]
+    assert part["rows"][2] == next(r for r in result["rows"] if r["name"] == "w4a6_brecq")
+    assert not any("w4a6_baseline" in s for s in logs)
+    with pytest.raises(ValueError, match="'w4a6_full' is not a run of this table"):
+        _ablate(root, out="R6.md", only=["w4a6_full"])
+    assert not (root / "R6.md").exists()

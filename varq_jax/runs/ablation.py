@@ -279,12 +279,13 @@ def _given_calibration(paths: Sequence[str], ck, runs: Sequence[Run], protocol: 
 def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str, *,
                  checkpoint: Optional[str] = None, diag_samples: int = 8, command: str = "",
                  protocol: Protocol = Protocol(), zero_shot: Sequence[str] = (), calibration: Sequence[str] = (),
-                 log: Callable = print) -> dict:
+                 only: Sequence[str] = (), log: Callable = print) -> dict:
     """The FP model and every run of `plan` under `protocol`: PTQ on shared calibration sets, evaluation over the
     protocol's seeds, bootstrap intervals, diagnostics; the zero-shot tasks for FP and the runs named in
     `zero_shot` (`runs.zero_shot_rows`); writes `out` (markdown), its .json twin and the bootstrap values
     (.replicates.npz). `calibration`: calibration sets of earlier invocations (e.g. another part of the table, run
-    on another machine), shared by the runs of their seeds instead of sampling them again. Returns what the JSON
+    on another machine), shared by the runs of their seeds instead of sampling them again. `only`: run just these
+    runs of the table (e.g. one row on a second calibration seed), a part for `merge`. Returns what the JSON
     holds."""
     if eval_config.ref_samples:
         raise ValueError("the ablation sets ref_samples itself (the FP model's samples); leave it empty")
@@ -301,6 +302,10 @@ def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str,
     if ck.policy is not None:
         raise ValueError(f"{checkpoint} is a quantized checkpoint; the ablation starts from a full-precision one")
     runs = protocol_runs(plan, protocol)
+    unknown = sorted(set(only) - {r.name for r in runs})
+    if unknown:
+        raise ValueError(f"run {unknown[0]!r} is not a run of this table; its runs: {', '.join(r.name for r in runs)}")
+    runs = [r for r in runs if not only or r.name in only]
     check_runs(runs, ck.var_cfg, workdir)
     given = _given_calibration(calibration, ck, runs, protocol)
     unknown = sorted(set(zero_shot) - {r.name for r in runs})
