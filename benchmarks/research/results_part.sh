@@ -6,7 +6,8 @@
 # part's .md/.json/.replicates.npz, its log, and the calibration sets it made (calib_RUN.tgz); the seed-2025
 # set of an earlier part, carried as .research/calib_2025.tgz, is shared instead of sampled again (--calibration).
 #   results_part.sh NAME [ablate flags], e.g. results_part.sh w4a4_recon --presets=w4a4 --methods=brecq,full
-# Parts that share a workdir (--workdir=...) skip the FP evaluations they find there.
+# Parts that share a workdir (--workdir=...) skip the FP evaluations they find there. A part without seed-2025 runs
+# (e.g. --extra_calib=w4a4:2026 --runs=w4a4_baseline_c2026) sets SHARE_CALIB=0: ablate refuses an unused set.
 set -o pipefail
 NAME=$1; shift
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -14,7 +15,7 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 T0=$(date +%s)
 W=/tmp/research/$NAME; O=/tmp/research/out_$NAME; mkdir -p $W $O
 CAL=()
-if [ -f .research/calib_2025.tgz ]; then
+if [ -f .research/calib_2025.tgz ] && [ "${SHARE_CALIB:-1}" = 1 ]; then
     mkdir -p /tmp/research/calib_2025 && tar -C /tmp/research/calib_2025 -xzf .research/calib_2025.tgz
     CAL=(--calibration=/tmp/research/calib_2025/calibration)
 fi
