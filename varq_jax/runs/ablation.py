@@ -265,10 +265,10 @@ def _given_calibration(paths: Sequence[str], ck, runs: Sequence[Run], protocol: 
         if protocol.calib_dtype != "auto" and record.get("calib.dtype") != protocol.calib_dtype:
             raise ValueError(f"the calibration set {path!r} was sampled in {record.get('calib.dtype')}, the "
                              f"protocol's sets in {protocol.calib_dtype}")
-        for r in runs:
+        for r in (r for r in runs if r.calib_seed == seed):
             calib = pipeline.from_config(r.config, ck.var_cfg)[1].calib
-            wrong = [f.name for f in dataclasses.fields(calib) if r.calib_seed == seed and f.name != "dtype"
-                     and record.get(f"calib.{f.name}") != getattr(calib, f.name)]
+            wrong = [f.name for f in dataclasses.fields(calib)
+                     if f.name != "dtype" and record.get(f"calib.{f.name}") != getattr(calib, f.name)]
             if wrong:
                 raise ValueError(f"the calibration set {path!r} does not fit run {r.name}: calib.{wrong[0]} is "
                                  f"{record.get('calib.' + wrong[0])!r} there, {getattr(calib, wrong[0])!r} here")

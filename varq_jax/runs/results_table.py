@@ -112,7 +112,7 @@ def to_markdown(result: dict) -> str:
               f"- PTQ overrides: {', '.join(f'{k}={v}' for k, v in result['overrides'].items()) or 'none'}"]
     if result.get("parts"):
         lines.append(f"- Made in {len(result['parts'])} parts, separate invocations (side by side on one workdir, "
-                     f"or one after another; their PTQ and eval times are their own):")
+                     f"their PTQ and eval times then including shared devices and host CPUs, or one after another):")
         lines += [f"  - `{p['command']}` — {p['device']}, host {p['host']}, {p['date']}, jax {p['jax']}, "
                   f"{p['wall_s']:.0f} s" for p in result["parts"]]
         lines.append(f"- Merged by `{result['command'] or '(library call)'}` — {result['device']}, host "
