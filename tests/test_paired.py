@@ -29,6 +29,25 @@ def test_pairing_measures_a_small_shift_that_unpaired_noise_hides():
     assert paired.verdict("FD", d, lower_is_better=True).endswith(": worse")
 
 
+def test_p_values_resolve_what_a_large_holm_family_needs():
+    """Where the replicates beyond 0 resolve it, the p-value is their two-sided tail; a clear difference gets a p far
+    below 1/replicates, so that it survives Holm's adjustment over a full table's ~140 comparisons (the tail count
+    cannot go below 0.001, and 140 × 0.001 > 0.05)."""
+    rng = np.random.default_rng(8)
+    a = rng.normal(size=2000)
+    idx = paired.replicate_indices(2000, 2000, seed=9)
+    mean = lambda v: float(v.mean())
+    for shift in (0.03, 0.05):                              # z ≈ 1.3 and 2.2: tails of hundreds and tens of replicates
+        b = a + shift + rng.normal(size=2000)
+        d = paired.difference(mean, [a], [b], idx)
+        reps = np.array([b[i].mean() - a[i].mean() for i in idx])
+        reps += d.estimate - reps.mean()
+        tail = 2 * min(np.mean(reps <= 0), np.mean(reps >= 0))
+        assert 0.01 < tail < 0.5 and d.p == pytest.approx(tail, rel=0.25)
+    clear = paired.difference(mean, [a], [a + 0.2 + 0.5 * rng.normal(size=2000)], idx)
+    assert clear.p < 1e-6 and paired.holm([clear.p] * 140)[0] < 0.05
+
+
 def test_frechet_per_replicate_equals_the_metric_and_fd_to_fp_pairs_images():
     rng = np.random.default_rng(4)
     f1, f2 = rng.normal(size=(300, 8)), rng.normal(0.2, 1.1, size=(300, 8))

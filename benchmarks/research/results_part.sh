@@ -6,20 +6,23 @@
 # part's .md/.json/.replicates.npz, its log, and the calibration sets it made (calib_RUN.tgz); the seed-2025
 # set of an earlier part, carried as .research/calib_2025.tgz, is shared instead of sampled again (--calibration).
 #   results_part.sh NAME [ablate flags], e.g. results_part.sh w4a4_recon --presets=w4a4 --methods=brecq,full
-# Parts that share a workdir (--workdir=...) skip the FP evaluations they find there. A part without seed-2025 runs
+# Parts that share a workdir (WORKDIR=... in the environment) skip the FP evaluations they find there, and share
+# a persistent JAX compilation cache (a reconstruction row after the first skips most of its ~125 s compilation).
+# PART_TIMEOUT=S stops the ablation after S seconds and still bundles what it wrote. A part without seed-2025 runs
 # (e.g. --extra_calib=w4a4:2026 --runs=w4a4_baseline_c2026) sets SHARE_CALIB=0: ablate refuses an unused set.
 set -o pipefail
 NAME=$1; shift
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 T0=$(date +%s)
-W=/tmp/research/$NAME; O=/tmp/research/out_$NAME; mkdir -p $W $O
+W=${WORKDIR:-/tmp/research/$NAME}; O=/tmp/research/out_$NAME; mkdir -p $W $O
+export JAX_COMPILATION_CACHE_DIR=/tmp/research/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 CAL=()
 if [ -f .research/calib_2025.tgz ] && [ "${SHARE_CALIB:-1}" = 1 ]; then
     mkdir -p /tmp/research/calib_2025 && tar -C /tmp/research/calib_2025 -xzf .research/calib_2025.tgz
     CAL=(--calibration=/tmp/research/calib_2025/calibration)
 fi
-python -m experiments.ablate --checkpoint=research --eval.top_p=0.5 --extra_calib= --per_device_batch=250 \
+timeout ${PART_TIMEOUT:-0} python -m experiments.ablate --checkpoint=research --eval.top_p=0.5 --extra_calib= --per_device_batch=250 \
     --feature_batch=250 --diag_samples=0 --workdir=$W --out=$O/part_$NAME.md "${CAL[@]}" "$@" 2>&1 \
     | grep --line-buffered -v "^W\|^I" | tee -a $O/$NAME.log
 [ ${#CAL[@]} -eq 0 ] && for c in $W/*/ptq/state/calibration; do
@@ -28,3 +31,4 @@ python -m experiments.ablate --checkpoint=research --eval.top_p=0.5 --extra_cali
     tar -C $(dirname $c) -czf $O/calib_${run}.tgz calibration
 done
 echo "total $(( $(date +%s) - T0 )) s" | tee -a $O/$NAME.log
+[ -n "$OUT" ] && tar -C $O -czf $OUT/$NAME.tgz .

@@ -189,8 +189,8 @@ def findings(rows: Sequence[dict], comps: Sequence[dict], protocol: Protocol) ->
     if tested:
         lines.append(f"{len(tested)} comparison{'s are' if len(tested) != 1 else ' is'} stated below (method pairs within a bit setting and "
                      f"calibration seed on {', '.join(titles[m] for m, _, _ in METRICS)}, and each quantized row's "
-                     f"class accuracy against FP); p-values are Holm-adjusted over all {len(tested)}, intervals are "
-                     f"95 % paired bootstrap intervals ({protocol.replicates} replicates over "
+                     f"class accuracy against FP); p-values (each difference over its bootstrap standard error) are "
+                     f"Holm-adjusted over all {len(tested)}, intervals are 95 % paired bootstrap intervals ({protocol.replicates} replicates over "
                      f"{protocol.num_images} images).")
     by_name = {r["name"]: r for r in rows}
     noise = by_name.get(NOISE_ROW)
