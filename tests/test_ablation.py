@@ -434,6 +434,12 @@ def test_zero_shot_rows_on_the_same_inputs_with_intervals(ablation_run):
     assert "## Zero-shot tasks" in md and "### edit" in md and "No baseline/full pair" in md
     merged = ablation.merge([json.load(open(root / "ZS.json"))], values=[values])
     assert merged["zero_shot"]["rows"] == zs["rows"]
+    main = json.load(open(root / "RESULTS.json"))     # the zero-shot part re-quantized the table's runs: joined
+    main_values = protocol_lib.load_values(protocol_lib.values_path(str(root / "RESULTS.md")))
+    joined = ablation.merge([main, json.load(open(root / "ZS.json"))], values=[main_values, values],
+                            method_order=cli.METHODS)
+    assert joined["rows"] == main["rows"] and joined["zero_shot"]["rows"] == zs["rows"]
+    assert sum("quantized it again for its zero-shot rows" in n for n in joined["eval_notes"]) == 2
 
 
 def test_a_calibration_set_of_an_earlier_invocation_is_checked_before_any_work(ablation_run):

@@ -447,6 +447,14 @@ def _fp_agreement(fp_rows: Sequence[Sequence[dict]]) -> Optional[str]:
             f"rows are part 0's, and each part's 'FD to FP' is against its own FP set")
 
 
+def _requantized_note(name: str, row: dict, i: int, other: dict, j: int) -> str:
+    """A run quantized again in a later part for its zero-shot rows: the table keeps the first part's row."""
+    diff = ", ".join(f"{m} {row[m]:.4g} vs {other[m]:.4g}" for m in FP_METRICS
+                     if row.get(m) is not None and other.get(m) is not None)
+    return (f"run {name}: the table's row is part {i}'s; part {j} quantized it again for its zero-shot rows "
+            f"(same calibration set and settings; its own row there: {diff}, part {i}'s first)")
+
+
 def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, workdir: str = "", diag_samples: int = 0,
           command: str = "", method_order: Sequence[str] = (), make_plan: Optional[Callable] = None,
           planned: Sequence[str] = (), log: Callable = print) -> dict:
@@ -457,8 +465,10 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     overrides)` gives the runs' configs — else joined from the parts. Mismatched parts are a ValueError, before
     any work. `values`: each part's bootstrap values (its .replicates.npz), joined so that the comparisons and
     their Holm adjustment are made over the whole table. The parts' protocols may differ only in `extra_calib`
-    (which runs exist); the table's is their union. `planned`: run names of the whole table, those absent listed as
-    not run."""
+    (which runs exist; the table's is their union) and `zero_shot_images` (the parts with zero-shot rows must
+    agree). `planned`: run names of the whole table, those absent listed as not run. A run may be in more than one
+    part only where a later part quantized it again for its zero-shot rows (they need the model in their part); its
+    row and values are then the first part's, with a note."""
     order_of = list(method_order) or list(dict.fromkeys(m for p in parts for m in p.get("methods", [])))
     rank = lambda m: order_of.index(m) if m in order_of else len(order_of)
     if not parts:
@@ -468,7 +478,8 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     if old:
         raise ValueError(f"part {old[0]} ({parts[old[0]].get('command')!r}) was made before the evaluation protocol "
                          f"(no seeds, no intervals): run it again with this version")
-    settings = lambda p: {**p, "protocol": {k: v for k, v in p["protocol"].items() if k != "extra_calib"}}
+    settings = lambda p: {**p, "protocol": {k: v for k, v in p["protocol"].items()    # checked apart
+                                            if k not in ("extra_calib", "zero_shot_images")}}
     for i, p in enumerate(parts[1:], 1):
         diff = [k for k in SHARED if settings(p).get(k) != settings(first).get(k)]
         if diff:
@@ -480,8 +491,21 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     fp_note = _fp_agreement(fp_rows)
     if values and len(values) != len(parts):
         raise ValueError(f"{len(parts)} parts but {len(values)} sets of bootstrap values")
+    rows, seen, again = [], {}, []
+    for i, p in enumerate(parts):
+        zs_runs = {r["name"] for r in (p.get("zero_shot") or {}).get("rows", [])}
+        for r in p["rows"]:
+            if r["preset"] == "fp":
+                continue
+            if r["name"] in seen:
+                if r["name"] not in zs_runs:
+                    raise ValueError(f"run {r['name']} appears in more than one part")
+                again.append(_requantized_note(r["name"], rows[seen[r["name"]][1]], seen[r["name"]][0], r, i))
+                continue
+            seen[r["name"]] = (i, len(rows))
+            rows.append(r)
     joined: Dict[str, Mapping] = {}
-    for v in values:
+    for i, v in enumerate(values):
         for name, metrics_ in v.items():
             if name in joined and (name in ("fp", NOISE_ROW) or name.endswith(":fp")):
                 if fp_note is None and any(not np.array_equal(joined[name][m][1], metrics_[m][1])
@@ -489,16 +513,9 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
                     raise ValueError(f"the parts' bootstrap values of {name} differ: they used other replicate "
                                      f"indices or other FP images")
                 continue                                          # part 0's FP values are the table's
+            if name in seen and seen[name][0] != i:
+                continue                                          # a run's values are those of its row's part
             joined[name] = metrics_
-    rows, seen = [], set()
-    for p in parts:
-        for r in p["rows"]:
-            if r["preset"] == "fp":
-                continue
-            if r["name"] in seen:
-                raise ValueError(f"run {r['name']} appears in more than one part")
-            seen.add(r["name"])
-            rows.append(r)
     q = sorted(rows, key=lambda r: (-r["w_bits"], -r["a_bits"], rank(r["method"]), r.get("calib_seed") or 0))
     rows = [dict(r) for r in fp_rows[0] + q]
     for row in rows:                     # intervals by this version's rule, from the stored replicates
@@ -508,7 +525,10 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     for p in parts:
         for preset, seeds in dict(p["protocol"].get("extra_calib", {})).items():
             extra[preset] = sorted(set(extra.get(preset, [])) | set(seeds))
-    protocol = protocol_lib.from_dict({**first["protocol"], "extra_calib": extra})
+    zs_parts = [p for p in parts if p.get("zero_shot")]
+    protocol = protocol_lib.from_dict({**first["protocol"], "extra_calib": extra,
+                                       **({"zero_shot_images": zs_parts[0]["protocol"].get("zero_shot_images")}
+                                          if zs_parts else {})})
     presets = list(dict.fromkeys(r["preset"] for r in q))
     methods = sorted({r["method"] for r in q}, key=rank)
     order = {r["name"]: i for i, r in enumerate(rows)}
@@ -533,12 +553,13 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     result = {k: first[k] for k in SHARED}
     result["protocol"] = protocol.to_dict()
     result["not_run"] = [name for name in planned if name not in seen]
-    result.update(eval_notes=first.get("eval_notes", []) + ([fp_note] if fp_note else []), presets=presets, methods=methods, command=command,
+    result.update(eval_notes=first.get("eval_notes", []) + ([fp_note] if fp_note else []) + again,
+                  presets=presets, methods=methods, command=command,
                   **environment(), rows=rows, diagnostics=diag,
                   wall_s=max(p.get("wall_s", 0.0) for p in parts),
                   parts=[{k: p.get(k) for k in PART_FIELDS} for p in parts],
                   av_error_from="this merge" if diag_samples > 0 else "the parts")
-    zs_parts = [p["zero_shot"] for p in parts if p.get("zero_shot")]
+    zs_parts = [p["zero_shot"] for p in zs_parts]
     if zs_parts:
         setting = lambda z: (z["num_inputs"], z["box"], z["seed"], z["tasks"])
         if any(setting(z) != setting(zs_parts[0]) for z in zs_parts[1:]):
