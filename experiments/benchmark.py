@@ -43,6 +43,7 @@ flags.DEFINE_string("int_rows", "", "PRESET:CONFIG[:EXECUTION] rows timed side b
                     "w4a8, w4a6, w4a4, with 'sas' appended for shift-and-sum (θ = --eval_theta); EXECUTION int "
                     "(default) or simulate; e.g. d30:fp,d30:w8a8,d16:fp,d16:w4a6sas,d16:w4a6sas:simulate")
 flags.DEFINE_string("int_kernel", "auto", "integer GEMM of the int rows: auto | xla | pallas")
+flags.DEFINE_string("int_act_kernel", "xla", "activation codes of the int rows: xla | pallas (one-pass kernel)")
 flags.DEFINE_bool("breakdown", True, "profile one call of each int row: time per part (Linears, attention, "
                   "quantization passes, rest)")
 flags.DEFINE_string("save_random", "", "PRESET:DIR writes a random-weight checkpoint of a preset (e.g. to time "
@@ -136,7 +137,7 @@ def bench_int_row(spec: str, batches, repeats, rows):
     else:
         quant = state.set_theta(jax.jit(state.init_quant_state, static_argnums=1)(params["var"], policy), theta)
         if mode == "int":
-            policy = execution.IntegerPolicy.of(policy, kernel=FLAGS.int_kernel)
+            policy = execution.IntegerPolicy.of(policy, kernel=FLAGS.int_kernel, act_kernel=FLAGS.int_act_kernel)
         sampler = sampling.Sampler(vae_cfg, var_cfg, _settings(var_cfg), dtype=jnp.bfloat16, policy=policy,
                                    scan_blocks=FLAGS.scan_blocks, execution="int" if mode == "int" else "simulate")
         params, quant = sampler.prepare(params, quant)

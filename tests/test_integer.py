@@ -71,14 +71,15 @@ def _site_product(rule, site, k, n, rng, kernel):
     x_hat = registry.act_quantizer(name).fn(jnp.asarray(x), rule.a_bits, group, None)
     sim = jnp.dot(x_hat, quantizers.fake_quant_weight(w, d, z, rule.w_bits), precision="highest")
     got = integer.dense(integer.plan(rule, site, k), jnp.asarray(x), form, None, jnp.float32, kernel=kernel,
-                        interpret=True)
+                        interpret=True, act=kernel)
     return np.asarray(got), np.asarray(sim)
 
 
 @pytest.mark.parametrize("kernel", ["xla", "pallas"])
 def test_every_presets_linears_equal_the_simulation(kernel):
     """Each distinct (rule, site shape) of the five presets — per-channel × per-token, group-128 weights, group-64
-    activations, fc2's signed split, the 32-input word_embed — at d16-like widths scaled down."""
+    activations, fc2's signed split, the 32-input word_embed — at d16-like widths scaled down; 'pallas' makes the
+    activation codes with the Pallas kernel too."""
     rng = np.random.RandomState(0)
     seen = set()
     for name in PRESETS:
@@ -95,6 +96,31 @@ def test_every_presets_linears_equal_the_simulation(kernel):
             got, sim = _site_product(rule, s.name, k, 64, rng, kernel)
             np.testing.assert_allclose(got, sim, rtol=0, atol=2e-6 * np.abs(sim).max(), err_msg=f"{name} {s.path}")
     assert len(seen) >= 10
+
+
+@pytest.mark.parametrize("plan", [
+    integer.Plan(384, 8, 384, 8, 384, "per_token"),        # W8A8: one block, three loads per row
+    integer.Plan(384, 4, 128, 6, 384, "per_token"),        # W4A6: three K-blocks in one activation group
+    integer.Plan(256, 4, 128, 4, 64, "per_group"),         # W4A4: group-64 activations
+    integer.Plan(512, 4, 128, 6, 512, "signed_split"),     # fc2 at W4A6
+    integer.Plan(384, 8, 384, 8, 384, "signed_split"),     # fc2 at W8A8
+    integer.Plan(1920, 8, 1920, 8, 1920, "per_token"),     # d30's width: a block that is not a power of two
+], ids=lambda p: f"{p.coder}-k{p.in_features}-w{p.w_bits}g{p.w_group}-a{p.a_bits}g{p.a_group}")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_activation_kernel_makes_the_xla_codes(plan, dtype):
+    """Codes, scales, zero points and row sums bit for bit (interpret mode), with rows that are not a multiple of
+    the kernel's tile, a constant row and an all-zero row (Δ at its floor)."""
+    from varq_jax.quant import act_kernel
+    x = np.random.RandomState(plan.in_features + plan.a_group).randn(37, plan.in_features).astype(np.float32)
+    x[3], x[4] = 0.7, 0.0
+    x = jnp.asarray(x * 3, dtype)
+    got = act_kernel.act_codes(plan, x, interpret=True)
+    want = integer.act_codes(plan, x)
+    for name, g, w in zip(("codes", "scale", "zero", "row sums"), got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+    with pytest.raises(ValueError, match="inputs have 100 channels"):
+        act_kernel.act_codes(plan, x[:, :100], interpret=True)
 
 
 def test_codes_pack_two_per_byte_and_round_trip():
@@ -203,6 +229,8 @@ def test_a_rule_integers_cannot_run_is_refused_before_any_work(tiny):
         sampling.Sampler(VAE_CFG, VAR_CFG, SC, jnp.float32, None, execution="int")
     with pytest.raises(ValueError, match="execution must be one of"):
         sampling.Sampler(VAE_CFG, VAR_CFG, SC, jnp.float32, acts_only, execution="int8")
+    with pytest.raises(ValueError, match="act_kernel must be one of"):
+        execution.IntegerPolicy.of(QuantPolicy(w_bits=8, a_bits=8), act_kernel="triton")
 
 
 def test_checkpoints_load_as_integer_models(tmp_path, tiny, teacher_forced):

@@ -4,7 +4,9 @@
 
 Rows: one Linear of the last scale of a batch-64 call (M = 128·256 rows) and of scale 13 (128·169), random data.
 Columns: ms of the whole Linear (activation codes + product + epilogue + bias) and of the product alone (codes
-given); a small sweep of the kernel's tile/warps/stages on each shape. Median of 20 after warm-up.
+given); a small sweep of the kernel's tile/warps/stages on each shape; the activation codes by XLA and by the
+one-pass kernel (`act_kernel.py`, three tilings), and the whole Linear with the latter (`*_actk_ms`). Median of 20
+after warm-up.
 """
 import functools
 import json
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from varq_jax import benchmarking
-from varq_jax.quant import int_kernel, integer, quantizers, state
+from varq_jax.quant import act_kernel, int_kernel, integer, quantizers, state
 from varq_jax.quant.policy import QuantPolicy
 
 SHAPES = {"d16_qkv": (1024, 3072), "d16_fc1": (1024, 4096), "d16_fc2": (4096, 1024),
@@ -70,6 +72,15 @@ def main(out, quick=False):
                     except Exception as e:
                         row[f"{kern}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 row["act_codes_ms"] = timed(functools.partial(integer.act_codes, p), x)
+                try:                                   # the one-pass activation kernel, and whole Linears with it
+                    for bm, nw in ((8, 2), (16, 4), (32, 4)):
+                        row[f"act_kernel_ms_bm{bm}_w{nw}"] = timed(
+                            functools.partial(act_kernel.act_codes, p, block_m=bm, num_warps=nw), x)
+                    for kern in ("xla", "pallas"):
+                        row[f"{kern}_actk_ms"] = timed(
+                            lambda a: integer.dense(p, a, form, bias, jnp.bfloat16, kern, act="pallas"), x)
+                except Exception as e:
+                    row["act_kernel_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 with open(out, "w") as f:

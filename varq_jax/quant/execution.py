@@ -75,7 +75,8 @@ def model_bytes(var_params: dict, quant: dict) -> dict:
 @dataclasses.dataclass(frozen=True)
 class IntegerPolicy(QuantPolicy):
     kernel: str = "auto"          # integer GEMM: xla | pallas (Triton) | auto (see `gemm`)
-    interpret: bool = False       # run the Pallas kernel in interpret mode (tests on CPU)
+    act_kernel: str = "xla"       # activation codes: xla | pallas (one-pass Triton kernel, `act_kernel.py`)
+    interpret: bool = False       # run the Pallas kernels in interpret mode (tests on CPU)
 
     execution = "int"             # what a sample set made with this policy records (not a field)
 
@@ -83,6 +84,8 @@ class IntegerPolicy(QuantPolicy):
         super().__post_init__()
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.act_kernel not in KERNELS[1:]:
+            raise ValueError(f"act_kernel must be one of {KERNELS[1:]}, got {self.act_kernel!r}")
 
     @classmethod
     def of(cls, policy: QuantPolicy, **changes) -> "IntegerPolicy":
@@ -136,4 +139,5 @@ class IntegerPolicy(QuantPolicy):
         if not rule.acts:
             w_hat = integer.dequantize(p, form)
             return float_dense(x, w_hat, bias, module.dtype, module.out_dtype)
-        return integer.dense(p, x, form, bias, out_dtype, kernel=self.gemm(p), interpret=self.interpret)
+        return integer.dense(p, x, form, bias, out_dtype, kernel=self.gemm(p), interpret=self.interpret,
+                             act=self.act_kernel)

@@ -201,11 +201,16 @@ def matmul_xla(p: Plan, codes: Array, a_scale: Array, a_zero: Array, rows: Array
 
 
 def dense(p: Plan, x: Array, w: dict, bias: Optional[Array], out_dtype, kernel: str = "xla",
-          interpret: bool = False) -> Array:
-    """A quantized Linear on integer codes: x [..., K] → [..., N] in out_dtype (bias added in float32)."""
+          interpret: bool = False, act: str = "xla") -> Array:
+    """A quantized Linear on integer codes: x [..., K] → [..., N] in out_dtype (bias added in float32); `kernel`
+    makes the product, `act` the activation codes (xla | pallas: `act_kernel`)."""
     lead = x.shape[:-1]
     with jax.named_scope("act_quant"):
-        codes, a_scale, a_zero, rows = act_codes(p, x.reshape(-1, x.shape[-1]))
+        if act == "pallas":
+            from varq_jax.quant import act_kernel
+            codes, a_scale, a_zero, rows = act_kernel.act_codes(p, x.reshape(-1, x.shape[-1]), interpret=interpret)
+        else:
+            codes, a_scale, a_zero, rows = act_codes(p, x.reshape(-1, x.shape[-1]))
     with jax.named_scope("linear"):
         if kernel == "pallas":
             from varq_jax.quant import int_kernel
