@@ -8,6 +8,7 @@ evaluation throughput over 1..N devices, and random-weight checkpoints for timin
 Compile time is measured separately (lower + compile) and excluded from the steady-state timings.
 """
 import json
+import os
 import time
 
 import jax
@@ -157,8 +158,10 @@ def bench_int_row(spec: str, batches, repeats, rows):
                                              + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
         row = {"what": f"{preset} {config} {mode} {blocks}", "preset": preset, "config": config, "execution": mode,
                "blocks": blocks, "batch": b, "compile_s": ct, "s": t, "img_per_s": b / t,
-               "model_bytes": model_bytes, "coded_linear_bytes": coded, "call_peak_bytes": peak}
-        if FLAGS.breakdown and jax.default_backend() == "gpu":
+               "model_bytes": model_bytes, "coded_linear_bytes": coded, "call_peak_bytes": peak,
+               "act_kernel": getattr(policy, "act_kernel", None), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+        if FLAGS.breakdown and jax.default_backend() == "gpu":   # kernels map to scopes only without command
+            # buffers: run the breakdown with XLA_FLAGS=--xla_gpu_enable_command_buffer= (recorded in the row)
             try:
                 row["breakdown_s"] = benchmarking.time_breakdown(compiled, *args)
             except Exception as e:          # a profile is a diagnostic: its failure must not lose the row
