@@ -57,6 +57,9 @@ flags.DEFINE_list("runs", [], "run only these runs of --presets × --methods (na
                   "w4a4_baseline_c2026): a part of a table joined later with --merge")
 flags.DEFINE_list("calibration", [], "calibration sets of earlier invocations to share instead of sampling them "
                   "again (a quantize workdir, its state/ or state/calibration), one per calibration seed")
+flags.DEFINE_list("planned_also", [], "with --merge: runs the table plans beyond --presets × --methods (e.g. "
+                  "w4a4_litevar,w4a4_full_litevar), listed as not run where no part holds them; --zero_shot then "
+                  "names the planned zero-shot rows")
 flags.DEFINE_integer("zero_shot_images", 1000, "protocol: real test images the zero-shot rows regenerate")
 flags.DEFINE_list("merge", None, "instead of running: merge these ablation JSONs (separate invocations, e.g. one per "
                   "GPU or per device session) into --out; the A·V diagnostic is recomputed on --checkpoint; the runs "
@@ -131,10 +134,17 @@ def _merge(command: str) -> dict:
     from varq_jax.runs import protocol
     values = [protocol.load_values(protocol.values_path(path)) for path in FLAGS.merge]
     ck = default_model.load_model(FLAGS.checkpoint) if FLAGS.diag_samples > 0 else None
-    planned = ablation.protocol_runs(cli.ablation_plan(FLAGS.presets, FLAGS.methods), _protocol(FLAGS.eval))
+    proto = _protocol(FLAGS.eval)
+    planned = [r.name for r in ablation.protocol_runs(cli.ablation_plan(FLAGS.presets, FLAGS.methods), proto)]
+    if FLAGS.planned_also:
+        known = [r.name for r in ablation.protocol_runs(cli.ablation_plan(FLAGS.presets, cli.METHODS), proto)]
+        unknown = [n for n in FLAGS.planned_also if n not in known]
+        if unknown:
+            raise ValueError(f"--planned_also: {unknown[0]!r} is not a run of --presets × the known methods")
+        planned += [n for n in FLAGS.planned_also if n not in planned]
     result = ablation.merge(parts, values=values, ck=ck, workdir=FLAGS.workdir, diag_samples=FLAGS.diag_samples,
                             command=command, method_order=cli.METHODS, make_plan=cli.ablation_plan,
-                            planned=[r.name for r in planned])
+                            planned=planned, planned_zero_shot=FLAGS.zero_shot)
     results_table.write(FLAGS.out, result)
     print(f"wrote {FLAGS.out} and {FLAGS.out[:-3]}.json")
     return result

@@ -249,13 +249,22 @@ def test_cli_merge_writes_the_table_and_rejects_a_bad_file(ablation_run, tmp_pat
         protocol_lib.save_values(protocol_lib.values_path(str(tmp_path / f"p{i}.md")), v)
     run = lambda *args: subprocess.run([sys.executable, "-m", "experiments.ablate", *args], cwd=ROOT,
                                        capture_output=True, text=True, timeout=300)
-    r = run(f"--merge={files[0]},{files[1]}", f"--out={tmp_path}/R.md", "--diag_samples=0")
+    r = run(f"--merge={files[0]},{files[1]}", f"--out={tmp_path}/R.md", "--diag_samples=0",
+            "--planned_also=w4a4_litevar", "--zero_shot=w4a6_baseline,w4a6_brecq")
     assert r.returncode == 0, r.stderr
     assert json.load(open(tmp_path / "R.json"))["rows"] == result["rows"]
+    md = (tmp_path / "R.md").read_text()            # the planned rows no part holds, zero-shot ones apart
+    not_run = next(line for line in md.splitlines() if line.startswith("- Rows of the planned table not run yet"))
+    names = not_run.split(": ", 1)[1].split(", ")
+    assert "w8a8_baseline" in names and names[-1] == "w4a4_litevar" and "w4a6_brecq" not in names
+    assert "Zero-shot rows planned and not run yet: w4a6_baseline, w4a6_brecq" in md
     (tmp_path / "bad.json").write_text("{not json")
     r = run(f"--merge={files[0]},{tmp_path}/bad.json", f"--out={tmp_path}/R2.md", "--diag_samples=0")
     assert r.returncode != 0 and "cannot read ablation result" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "R2.md").exists()
+    r = run(f"--merge={files[0]},{files[1]}", f"--out={tmp_path}/R3.md", "--planned_also=w4a4_lightvar")
+    assert r.returncode != 0 and "'w4a4_lightvar' is not a run" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "R3.md").exists()
 
 
 @pytest.mark.parametrize("presets, methods, overrides, message", [

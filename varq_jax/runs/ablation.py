@@ -457,7 +457,7 @@ def _requantized_note(name: str, row: dict, i: int, other: dict, j: int) -> str:
 
 def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, workdir: str = "", diag_samples: int = 0,
           command: str = "", method_order: Sequence[str] = (), make_plan: Optional[Callable] = None,
-          planned: Sequence[str] = (), log: Callable = print) -> dict:
+          planned: Sequence[str] = (), planned_zero_shot: Sequence[str] = (), log: Callable = print) -> dict:
     """One table from ablation results of separate invocations on the same model and evaluation settings (e.g.
     one per GPU, each with its own presets/methods): rows with higher bit widths first, methods in `method_order`
     (else as the parts list them), the FP row once, the frequency-mismatch diagnostics joined, and the A·V
@@ -466,7 +466,8 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     any work. `values`: each part's bootstrap values (its .replicates.npz), joined so that the comparisons and
     their Holm adjustment are made over the whole table. The parts' protocols may differ only in `extra_calib`
     (which runs exist; the table's is their union) and `zero_shot_images` (the parts with zero-shot rows must
-    agree). `planned`: run names of the whole table, those absent listed as not run. A run may be in more than one
+    agree). `planned`: run names of the whole table, those absent listed as not run (`planned_zero_shot` likewise
+    for the runs of the zero-shot rows). A run may be in more than one
     part only where a later part quantized it again for its zero-shot rows (they need the model in their part); its
     row and values are then the first part's, with a note."""
     order_of = list(method_order) or list(dict.fromkeys(m for p in parts for m in p.get("methods", [])))
@@ -570,6 +571,8 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
                                    zs_parts[0]["tasks"].index(r["task"]), r["preset"] != "fp",
                                    -(r["w_bits"] or 0), -(r["a_bits"] or 0), rank(r["method"]),
                                    r.get("calib_seed") or 0))}
+    zs_names = {r["name"] for r in result.get("zero_shot", {}).get("rows", [])}
+    result["zero_shot_not_run"] = [n for n in planned_zero_shot if n not in zs_names]
     _conclude(result, joined, protocol)
     return result
 

@@ -120,6 +120,8 @@ def to_markdown(result: dict) -> str:
                      f"(A·V diagnostic from {result['av_error_from']})")
         if result.get("not_run"):
             lines.append(f"- Rows of the planned table not run yet: {', '.join(result['not_run'])}")
+        if result.get("zero_shot_not_run"):
+            lines.append(f"- Zero-shot rows planned and not run yet: {', '.join(result['zero_shot_not_run'])}")
     else:
         lines += [f"- Device: {result['device']}, host {result['host']}, {result['date']}, jax {result['jax']}; "
                   f"wall time of this invocation {result['wall_s']:.0f} s",
