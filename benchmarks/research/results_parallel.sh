@@ -6,7 +6,7 @@
 # (at most 8 parts per command: the device returns at most 8 files). A part's leading VAR=value words set its
 # environment, e.g.
 #   PART_TIMEOUT=540 results_parallel.sh "w4a6_sas --presets=w4a6 --methods=brecq_sas" \
-#       "SHARE_CALIB=0 c2026_base --presets=w4a4 --extra_calib=w4a4:2026 --runs=w4a4_baseline_c2026"
+#       "SHARE_CALIB= c2026_base --presets=w4a4 --extra_calib=w4a4:2026 --runs=w4a4_baseline_c2026"
 # Its tables then say that their times include shared devices (the merge keeps that note).
 DIR=$(cd "$(dirname "$0")" && pwd)
 [ $# -ge 1 ] && [ $# -le 8 ] || { echo "results_parallel.sh: give 1 to 8 part specs, got $#" >&2; exit 2; }
