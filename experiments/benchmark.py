@@ -45,6 +45,8 @@ flags.DEFINE_string("int_rows", "", "PRESET:CONFIG[:EXECUTION] rows timed side b
                     "(default) or simulate; e.g. d30:fp,d30:w8a8,d16:fp,d16:w4a6sas,d16:w4a6sas:simulate")
 flags.DEFINE_string("int_kernel", "auto", "integer GEMM of the int rows: auto | xla | pallas")
 flags.DEFINE_string("int_act_kernel", "xla", "activation codes of the int rows: xla | pallas (one-pass kernel)")
+flags.DEFINE_string("int_attn_kernel", "xla", "quantized attention of the int rows: xla | pallas (attn_kernel.py: "
+                    "the scores never written)")
 flags.DEFINE_bool("breakdown", True, "profile one call of each int row: time per part (Linears, attention, "
                   "quantization passes, rest)")
 flags.DEFINE_string("save_random", "", "PRESET:DIR writes a random-weight checkpoint of a preset (e.g. to time "
@@ -138,7 +140,8 @@ def bench_int_row(spec: str, batches, repeats, rows):
     else:
         quant = state.set_theta(jax.jit(state.init_quant_state, static_argnums=1)(params["var"], policy), theta)
         if mode == "int":
-            policy = execution.IntegerPolicy.of(policy, kernel=FLAGS.int_kernel, act_kernel=FLAGS.int_act_kernel)
+            policy = execution.IntegerPolicy.of(policy, kernel=FLAGS.int_kernel, act_kernel=FLAGS.int_act_kernel,
+                                                attn_kernel=FLAGS.int_attn_kernel)
         sampler = sampling.Sampler(vae_cfg, var_cfg, _settings(var_cfg), dtype=jnp.bfloat16, policy=policy,
                                    scan_blocks=FLAGS.scan_blocks, execution="int" if mode == "int" else "simulate")
         params, quant = sampler.prepare(params, quant)
@@ -159,7 +162,8 @@ def bench_int_row(spec: str, batches, repeats, rows):
         row = {"what": f"{preset} {config} {mode} {blocks}", "preset": preset, "config": config, "execution": mode,
                "blocks": blocks, "batch": b, "compile_s": ct, "s": t, "img_per_s": b / t,
                "model_bytes": model_bytes, "coded_linear_bytes": coded, "call_peak_bytes": peak,
-               "act_kernel": getattr(policy, "act_kernel", None), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+               "act_kernel": getattr(policy, "act_kernel", None), "attn_kernel": getattr(policy, "attn_kernel", None),
+               "xla_flags": os.environ.get("XLA_FLAGS", "")}
         if FLAGS.breakdown and jax.default_backend() == "gpu":   # kernels map to scopes only without command
             # buffers: run the breakdown with XLA_FLAGS=--xla_gpu_enable_command_buffer= (recorded in the row)
             try:

@@ -165,6 +165,20 @@ def test_every_presets_forward_is_near_the_simulation(tiny, teacher_forced, name
     assert rms(got - sim) <= 0.75 * rms(sim - fp), (rms(got - sim), rms(sim - fp))
 
 
+def test_the_attention_kernels_run_the_models_quantized_attention(tiny, teacher_forced):
+    """IntegerPolicy(attn_kernel='pallas'): every scale block's attention through attn_kernel (interpret mode) —
+    teacher-forced logits of W4A6 shift-and-sum within float32 rounding of the XLA attention's."""
+    policy = dataclasses.replace(preset_policy("w4a6"), phase="nearest")
+    quant = state.set_theta(state.init_quant_state(tiny["var"], policy), 0.05)
+    labels, x, _ = teacher_forced
+    logits = []
+    for attn in ("xla", "pallas"):
+        p = execution.IntegerPolicy.of(policy, attn_kernel=attn, interpret=True).check(VAR_CFG)
+        params, iq = p.prepare_params(tiny["var"], quant)
+        logits.append(forward(VAR_CFG, p, {"params": params, "quant": iq}, labels, x))
+    assert rms(logits[1] - logits[0]) <= 1e-4 * rms(logits[0]), (rms(logits[1] - logits[0]), rms(logits[0]))
+
+
 def test_one_sampling_call_runs_every_presets_sites_in_integers(tiny):
     """A mixed table with each preset's settings at some site (W8A8 qkv, W6A6 proj, W4A4 fc1, W4A6 fc2's signed
     split, W4A8 head): one compiled sampler, valid tokens near the simulation's."""
@@ -231,6 +245,8 @@ def test_a_rule_integers_cannot_run_is_refused_before_any_work(tiny):
         sampling.Sampler(VAE_CFG, VAR_CFG, SC, jnp.float32, acts_only, execution="int8")
     with pytest.raises(ValueError, match="act_kernel must be one of"):
         execution.IntegerPolicy.of(QuantPolicy(w_bits=8, a_bits=8), act_kernel="triton")
+    with pytest.raises(ValueError, match="attn_kernel must be one of"):
+        execution.IntegerPolicy.of(QuantPolicy(w_bits=8, a_bits=8), attn_kernel="cudnn")
 
 
 def test_checkpoints_load_as_integer_models(tmp_path, tiny, teacher_forced):

@@ -127,3 +127,26 @@ def test_bad_inputs_raise():
         sas_attention(q, k, v[:, :5], 1.0, a_bits=4, theta=0.1)
     with pytest.raises(ValueError, match="disagree"):
         sas_attention(q[:, :, :2], k, v, 1.0, a_bits=4, theta=0.1)
+
+
+@pytest.mark.parametrize("shape, bits, switches", [
+    ((2, 9, 14, 2, 32), 8, (True, True, True)),       # one tile each way: a 3×3 scale seeing 14 keys
+    ((2, 9, 14, 2, 32), 4, (True, True, False)),      # plain V rounding, A4 (groups of 64 are the head)
+    ((1, 70, 100, 2, 64), 6, (True, True, True)),     # two query and two key tiles, both partial
+    ((1, 70, 100, 2, 64), 6, (False, False, False)),  # FP attention through the kernels
+])
+def test_the_attention_kernels_give_the_xla_attention(shape, bits, switches):
+    """attn_kernel's three passes (interpret mode) against the XLA path: the output and ā within float32 rounding
+    of the reordered sums, no log2 code flipped at these sizes."""
+    b, t, s, h, d = shape
+    ks = jax.random.split(jax.random.PRNGKey(t), 3)
+    q, k, v = (jax.random.normal(key, (b, n, h, d)) for key, n in zip(ks, (t, s, s)))
+    qk, av, sas = switches
+    kw = dict(a_bits=bits, theta=0.02, quantize_qk=qk, quantize_av=av, shift_and_sum=sas)
+    ref, ref_mean = sas_attention(q, k, v, d ** -0.5, **kw)
+    got, got_mean = sas_attention(q, k, v, d ** -0.5, kernel="pallas", interpret=True, **kw)
+    assert got.shape == ref.shape and got_mean.shape == ref_mean.shape == (b, h, s)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=2e-6 * float(jnp.abs(ref).max()))
+    np.testing.assert_allclose(np.asarray(got_mean), np.asarray(ref_mean), rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="attention kernel must be xla or pallas"):
+        sas_attention(q, k, v, d ** -0.5, kernel="triton", **kw)

@@ -76,6 +76,7 @@ def model_bytes(var_params: dict, quant: dict) -> dict:
 class IntegerPolicy(QuantPolicy):
     kernel: str = "auto"          # integer GEMM: xla | pallas (Triton) | auto (see `gemm`)
     act_kernel: str = "xla"       # activation codes: xla | pallas (one-pass Triton kernel, `act_kernel.py`)
+    attn_kernel: str = "xla"      # quantized attention: xla | pallas (scores never written, `attn_kernel.py`)
     interpret: bool = False       # run the Pallas kernels in interpret mode (tests on CPU)
 
     execution = "int"             # what a sample set made with this policy records (not a field)
@@ -84,8 +85,9 @@ class IntegerPolicy(QuantPolicy):
         super().__post_init__()
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
-        if self.act_kernel not in KERNELS[1:]:
-            raise ValueError(f"act_kernel must be one of {KERNELS[1:]}, got {self.act_kernel!r}")
+        for name in ("act_kernel", "attn_kernel"):
+            if getattr(self, name) not in KERNELS[1:]:
+                raise ValueError(f"{name} must be one of {KERNELS[1:]}, got {getattr(self, name)!r}")
 
     @classmethod
     def of(cls, policy: QuantPolicy, **changes) -> "IntegerPolicy":
@@ -115,6 +117,9 @@ class IntegerPolicy(QuantPolicy):
         if is_integer(quant):
             return var_params, quant
         return integer_model(var_params, quant, self)
+
+    def attention_kernel(self) -> dict:
+        return {"kernel": self.attn_kernel, "interpret": self.interpret}
 
     def gemm(self, p: integer.Plan) -> str:
         """auto: on GPU the Pallas kernel for group-wise sites (XLA writes one int32 product per K-block) and XLA's

@@ -182,11 +182,15 @@ class QuantPolicy(MatmulPolicy):
         return jnp.dtype(self.operand_dtype)
 
     # --- attention -----------------------------------------------------------------------------------------------
+    def attention_kernel(self) -> dict:
+        """How `sas_attention` runs under this policy (the simulation: XLA; see execution.IntegerPolicy)."""
+        return {}
+
     def attention(self, module, q, k, v, scale):
         rule = self.module_rule(module)
         theta = module.get_variable("quant", "theta")
         out, attn_mean = sas_attention(q, k, v, scale, a_bits=rule.a_bits, theta=1.0 if theta is None else theta,
                                        quantize_qk=rule.attn, quantize_av=rule.attn,
-                                       shift_and_sum=rule.shift_and_sum)
+                                       shift_and_sum=rule.shift_and_sum, **self.attention_kernel())
         module.sow("intermediates", "attn_mean", attn_mean)     # θ statistics; a no-op unless collected
         return out

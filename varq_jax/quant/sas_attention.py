@@ -59,15 +59,19 @@ def attend_values(probs: Array, v: Array, bits: int, theta=None, quantize: bool 
 
 def sas_attention(q: Array, k: Array, v: Array, scale, *, a_bits: int, theta=None,
                   quantize_qk: bool = True, quantize_av: bool = True, shift_and_sum: bool = True,
-                  precision: Optional[jax.lax.Precision] = None) -> Tuple[Array, Array]:
+                  precision: Optional[jax.lax.Precision] = None, kernel: str = "xla",
+                  interpret: bool = False) -> Tuple[Array, Array]:
     """softmax(Q̂K̂ᵀ) → log2-quantized probabilities · shift-and-sum V̂, for one scale block.
 
     Returns (out [B, T, H, D] in q.dtype, mean FP attention over the queries [B, H, S] float32 — the statistic
     of the θ search). `scale` and `theta` may be traced scalars; theta is needed only with quantize_av and
-    shift_and_sum. Bits, switches and precision are static.
+    shift_and_sum. Bits, switches and precision are static. kernel 'pallas': the same through `attn_kernel`'s
+    passes, which never write the scores (`interpret`: on the CPU, for tests; `precision` is then the kernels').
     """
     _check_qkv(q, k, v)
     quantizers.check_bits(a_bits)
+    if kernel not in ("xla", "pallas"):
+        raise ValueError(f"attention kernel must be xla or pallas, got {kernel!r}")
     if quantize_av and shift_and_sum:
         if theta is None:
             raise ValueError("shift_and_sum needs theta")
@@ -75,6 +79,10 @@ def sas_attention(q: Array, k: Array, v: Array, scale, *, a_bits: int, theta=Non
             raise ValueError(f"theta must be positive, got {theta}")
     else:
         theta = None
+    if kernel == "pallas":
+        from varq_jax.quant import attn_kernel
+        return attn_kernel.attention(q, k, v, scale, theta, a_bits, quantize_qk, quantize_av, shift_and_sum,
+                                     interpret)
     return _sas_attention(q, k, v, scale, theta, a_bits, quantize_qk, quantize_av, shift_and_sum, precision)
 
 
