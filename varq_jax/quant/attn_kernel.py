@@ -94,6 +94,8 @@ def attention(q, k, v, scale, theta, a_bits, quantize_qk, quantize_av, shift_and
     kernels; arguments as there (checked by `sas_attention.sas_attention`)."""
     b, t, h, d = q.shape
     s = k.shape[1]
+    if not interpret and d % 16:
+        raise ValueError(f"the attention kernels need a head size that is a multiple of 16 (Triton's dot), got {d}")
     a = q.astype(jnp.float32) * scale
     kf = k.astype(jnp.float32)
     if quantize_qk:
