@@ -17,7 +17,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 T0=$(date +%s)
 W=${WORKDIR:-/tmp/research/$NAME}; O=/tmp/research/out_$NAME; mkdir -p $W $O
-export JAX_COMPILATION_CACHE_DIR=/tmp/research/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/research/jax_cache} JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 # SHARE_CALIB: the calibration seeds whose sets this part shares instead of sampling them (default 2025; empty:
 # none), each from .research/calib_SEED.tgz or /tmp/research/calib_SEED.tgz (left by a part on this machine that
 # made it); ablate refuses a set no run of the part uses.
