@@ -3,7 +3,8 @@
 XLA runs a group-wise integer product as one int32 GEMM per K-block, written out in full ([nb, M, N] int32), and a
 per-channel one with the scale pass as a separate fusion; this kernel keeps the int32 partial of each K-block in
 registers, folds the zero point (row sums made with the activation codes) and the scales into a float32
-accumulator at the block's end, and writes [M, N] once in the output dtype, bias added. At ≤ 4 bits it unpacks two
+accumulator at the block's end (one for all parts of a signed split; none beside the int32 one for a per-channel
+Linear, which has a single K-block), and writes [M, N] once in the output dtype, bias added. At ≤ 4 bits it unpacks two
 codes per byte in registers (each packed chunk is two int8 dots). Tests run it in interpret mode against
 `integer.matmul_xla`.
 """
@@ -40,7 +41,8 @@ def _kernel(x_ref, as_ref, az_ref, r_ref, w_ref, ws_ref, wz_ref, t_ref, b_ref, o
     kt, steps = p.chunk, p.block // p.chunk
     dot = functools.partial(jnp.dot, preferred_element_type=jnp.int32)
 
-    def block(b, acc):
+    def block(b):
+        """The K-block's scaled contribution per part (the int32 partials live only inside it)."""
         def step(st, prods):
             k0 = b * p.block + st * kt
             out = []
@@ -59,15 +61,18 @@ def _kernel(x_ref, as_ref, az_ref, r_ref, w_ref, ws_ref, wz_ref, t_ref, b_ref, o
         prods = jax.lax.fori_loop(0, steps, step, tuple(jnp.zeros((bm, bn), jnp.int32) for _ in range(parts)))
         w_scale, w_zero, t = ws_ref[pl.ds(b, 1), cols], wz_ref[pl.ds(b, 1), cols], t_ref[pl.ds(b, 1), cols]
         ab = (b * p.block) // p.a_group
-        new = []
+        out = []
         for s, prod in enumerate(prods):
             j = (prod - r_ref[s, rows, pl.ds(b, 1)] * w_zero).astype(jnp.float32)
             a_s, a_z = as_ref[s, rows, pl.ds(ab, 1)], az_ref[s, rows, pl.ds(ab, 1)]
-            new.append(acc[s] + a_s * (w_scale * j - a_z * t))
-        return tuple(new)
+            out.append(a_s * (w_scale * j - a_z * t))
+        return sum(out)
 
-    acc = jax.lax.fori_loop(0, p.num_blocks, block, tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(parts)))
-    o_ref[rows, cols] = (sum(acc) + b_ref[pl.ds(0, 1), cols]).astype(o_ref.dtype)
+    if p.num_blocks == 1:      # per channel: no float accumulator beside the int32 one (half the registers)
+        acc = block(0)
+    else:
+        acc = jax.lax.fori_loop(0, p.num_blocks, lambda b, acc: acc + block(b), jnp.zeros((bm, bn), jnp.float32))
+    o_ref[rows, cols] = (acc + b_ref[pl.ds(0, 1), cols]).astype(o_ref.dtype)
 
 
 def matmul(p: "integer.Plan", codes, a_scale, a_zero, rows, w: dict, bias=None, out_dtype=jnp.float32,
