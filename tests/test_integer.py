@@ -123,6 +123,16 @@ def test_the_activation_kernel_makes_the_xla_codes(plan, dtype):
         act_kernel.act_codes(plan, x[:, :100], interpret=True)
 
 
+def test_the_kernels_rounding_is_jnp_round():
+    """triton_math.round_even (the kernels' rounding: Triton has no lax.round) equals jnp.round, ties to even."""
+    from varq_jax.quant.triton_math import round_even
+    ties = np.arange(-8, 8) + 0.5
+    x = np.concatenate([ties, np.nextafter(ties, 0), np.nextafter(ties, 100),
+                        np.random.RandomState(0).randn(10000) * 300, [3e7, -3e7, 2.0 ** 23 + 1, 0.0, -0.0]])
+    x = jnp.asarray(x, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(round_even(x)), np.asarray(jnp.round(x)))
+
+
 def test_codes_pack_two_per_byte_and_round_trip():
     rng = np.random.RandomState(1)
     q = jnp.asarray(rng.randint(-8, 8, (256, 16)), jnp.int8)

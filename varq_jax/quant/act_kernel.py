@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from varq_jax.quant import integer, quantizers
+from varq_jax.quant.triton_math import round_even
 
 BLOCK_M = 16
 MAX_CHUNK = 128                    # input channels per load
@@ -54,15 +55,15 @@ def _kernel(x_ref, c_ref, s_ref, z_ref, r_ref, *, p, bm, kc):
             scales, zero_points = (d_neg, d_pos), (zeros, zeros)
 
             def codes(v):
-                return (jnp.clip(jnp.round(jnp.where(v <= 0, v, 0.0) / d_neg), -half, 0),
-                        jnp.clip(jnp.round(jnp.where(v > 0, v, 0.0) / d_pos), 0, half))
+                return (jnp.clip(round_even(jnp.where(v <= 0, v, 0.0) / d_neg), -half, 0),
+                        jnp.clip(round_even(jnp.where(v > 0, v, 0.0) / d_pos), 0, half))
         else:
             delta = jnp.maximum((hi - lo) / (n - 1), quantizers.EPS)
-            zp = -jnp.round(lo / delta)
+            zp = -round_even(lo / delta)
             scales, zero_points = (delta,), (zp - n // 2,)
 
             def codes(v):
-                return (jnp.clip(jnp.round(v / delta) + zp, 0, n - 1) - n // 2,)
+                return (jnp.clip(round_even(v / delta) + zp, 0, n - 1) - n // 2,)
 
         for s in range(parts):
             s_ref[s, rows, pl.ds(ag, 1)] = scales[s]

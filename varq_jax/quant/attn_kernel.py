@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from varq_jax.quant import quantizers
+from varq_jax.quant.triton_math import round_even
 
 BLOCK_T, BLOCK_S = 64, 64
 _NT = (((1,), (1,)), ((), ()))            # a [t, d] · k [s, d] → [t, s]
@@ -74,7 +75,7 @@ def _out_kernel(a_ref, k_ref, v_ref, m_ref, l_ref, o_ref, *, bt, bs, ns, s_len, 
     def step(j, acc):
         p = jnp.exp(_scores(a, k_ref, bh, j, bs, s_len) - m) / l
         if n_codes:
-            code = jnp.round(-jnp.log2(p / delta + 1e-20))
+            code = round_even(-jnp.log2(p / delta + 1e-20))
             p = jnp.where(code >= n_codes, 0.0, delta * jnp.exp2(-jnp.clip(code, 0, n_codes - 1)))
         return acc + jnp.dot(p, v_ref[bh, pl.ds(j * bs, bs), :], preferred_element_type=jnp.float32)
 
