@@ -124,8 +124,8 @@ def test_the_activation_kernel_makes_the_xla_codes(plan, dtype):
 
 
 def test_the_kernels_rounding_is_jnp_round():
-    """triton_math.round_even (the kernels' rounding: Triton has no lax.round) equals jnp.round, ties to even."""
-    from varq_jax.quant.triton_math import round_even
+    """pallas_triton.round_even (the kernels' rounding: Triton has no lax.round) equals jnp.round, ties to even."""
+    from varq_jax.quant.pallas_triton import round_even
     ties = np.arange(-8, 8) + 0.5
     x = np.concatenate([ties, np.nextafter(ties, 0), np.nextafter(ties, 100),
                         np.random.RandomState(0).randn(10000) * 300, [3e7, -3e7, 2.0 ** 23 + 1, 0.0, -0.0]])

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from varq_jax.quant import integer, quantizers
-from varq_jax.quant.triton_math import round_even
+from varq_jax.quant import integer, pallas_triton, quantizers
+from varq_jax.quant.pallas_triton import round_even
 
 BLOCK_M = 16
 MAX_CHUNK = 128                    # input channels per load
@@ -103,10 +103,7 @@ def act_codes(p: "integer.Plan", x, interpret: bool = False, block_m: int = BLOC
     if mp != m:
         x = jnp.pad(x, ((0, mp - m), (0, 0)))
     na = k // p.a_group
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        params = {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=1)}
+    params = pallas_triton.pallas_call_params(interpret, num_warps, num_stages=1)
     out = pl.pallas_call(
         functools.partial(_kernel, p=p, bm=block_m, kc=kc), grid=(mp // block_m,),
         out_shape=(jax.ShapeDtypeStruct((parts, mp, k), jnp.int8),

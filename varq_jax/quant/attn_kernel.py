@@ -20,18 +20,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from varq_jax.quant import quantizers
-from varq_jax.quant.triton_math import round_even
+from varq_jax.quant import pallas_triton, quantizers
+from varq_jax.quant.pallas_triton import round_even
 
 BLOCK_T, BLOCK_S = 64, 64
 _NT = (((1,), (1,)), ((), ()))            # a [t, d] · k [s, d] → [t, s]
-
-
-def _tile(n: int, widest: int) -> int:
-    t = 16
-    while t < widest and t < n:
-        t *= 2
-    return t
 
 
 def _scores(a, k_ref, bh, j, bs, s_len):
@@ -101,14 +94,11 @@ def attention(q, k, v, scale, theta, a_bits, quantize_qk, quantize_av, shift_and
     kf = k.astype(jnp.float32)
     if quantize_qk:
         a, kf = quantizers.quantize_q_operand(a, a_bits), quantizers.quantize_k_operand(kf, a_bits)
-    bt, bs = _tile(t, BLOCK_T), _tile(s, BLOCK_S)
+    bt, bs = pallas_triton.tile(t, BLOCK_T), pallas_triton.tile(s, BLOCK_S)
     tp, sp = -(-t // bt) * bt, -(-s // bs) * bs
     a, kf = _heads_first(a, tp), _heads_first(kf, sp)
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        params = {"compiler_params": plgpu.CompilerParams(num_warps=4, num_stages=2)}
-    call = functools.partial(pl.pallas_call, interpret=interpret, **params)
+    call = functools.partial(pl.pallas_call, interpret=interpret,
+                             **pallas_triton.pallas_call_params(interpret, num_warps=4, num_stages=2))
     row = jax.ShapeDtypeStruct((b * h, tp), jnp.float32)
     m, l = call(functools.partial(_stats_kernel, bt=bt, bs=bs, ns=sp // bs, s_len=s), grid=(b * h, tp // bt),
                 out_shape=(row, row))(a, kf)

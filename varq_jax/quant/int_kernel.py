@@ -4,8 +4,8 @@ XLA runs a group-wise integer product as one int32 GEMM per K-block, written out
 per-channel one with the scale pass as a separate fusion; this kernel keeps the int32 partial of each K-block in
 registers, folds the zero point (row sums made with the activation codes) and the scales into a float32
 accumulator at the block's end (one for all parts of a signed split; none beside the int32 one for a per-channel
-Linear, which has a single K-block), and writes [M, N] once in the output dtype, bias added. At ≤ 4 bits it unpacks two
-codes per byte in registers (each packed chunk is two int8 dots). Tests run it in interpret mode against
+Linear, which has a single K-block), and writes [M, N] once in the output dtype, bias added. At ≤ 4 bits it
+unpacks two codes per byte in registers (each packed chunk is two int8 dots). Tests run it in interpret mode against
 `integer.matmul_xla`.
 """
 import functools
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from varq_jax.quant import integer
+from varq_jax.quant import integer, pallas_triton
 
 BLOCK_M, BLOCK_N = 128, 64          # the fastest of six tilings on an H200 (d16 qkv at W8A8, W4A6, W4A4)
 NUM_WARPS, NUM_STAGES = 4, 3
@@ -27,13 +27,6 @@ def _block_n(n: int, widest: int = BLOCK_N) -> int:
         if n % bn == 0:
             return bn
     raise ValueError(f"the integer kernel needs output features divisible by 16, got {n}")
-
-
-def _block_m(m: int) -> int:
-    bm = 16
-    while bm < BLOCK_M and bm < m:
-        bm *= 2
-    return bm
 
 
 def _kernel(x_ref, as_ref, az_ref, r_ref, w_ref, ws_ref, wz_ref, t_ref, b_ref, o_ref, *, p, parts, bm, bn):
@@ -83,16 +76,13 @@ def matmul(p: "integer.Plan", codes, a_scale, a_zero, rows, w: dict, bias=None, 
     parts, m, _ = codes.shape
     w_scale, w_zero, t = integer.epilogue_terms(p, w)
     n = w_scale.shape[1]
-    bm, bn = block_m or _block_m(m), _block_n(n, block_n)
+    bm, bn = block_m or pallas_triton.tile(m, BLOCK_M), _block_n(n, block_n)
     mp = -(-m // bm) * bm
     if mp != m:
         pad = ((0, 0), (0, mp - m), (0, 0))
         codes, a_scale, a_zero, rows = (jnp.pad(a, pad) for a in (codes, a_scale, a_zero, rows))
     bias = jnp.zeros((1, n), jnp.float32) if bias is None else bias.astype(jnp.float32).reshape(1, n)
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        params = {"compiler_params": plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)}
+    params = pallas_triton.pallas_call_params(interpret, num_warps, num_stages)
     out = pl.pallas_call(
         functools.partial(_kernel, p=p, parts=parts, bm=bm, bn=bn), grid=(mp // bm, n // bn),
         out_shape=jax.ShapeDtypeStruct((mp, n), out_dtype), interpret=interpret, **params,

@@ -467,9 +467,9 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     their Holm adjustment are made over the whole table. The parts' protocols may differ only in `extra_calib`
     (which runs exist; the table's is their union) and `zero_shot_images` (the parts with zero-shot rows must
     agree). `planned`: run names of the whole table, those absent listed as not run (`planned_zero_shot` likewise
-    for the runs of the zero-shot rows). A run may be in more than one
-    part only where a later part quantized it again for its zero-shot rows (they need the model in their part); its
-    row and values are then the first part's, with a note."""
+    for the runs of the zero-shot rows). A run may be in more than one part only where a later part quantized it
+    again for its zero-shot rows (they need the model in their part); its row and values are then the first
+    part's, with a note."""
     order_of = list(method_order) or list(dict.fromkeys(m for p in parts for m in p.get("methods", [])))
     rank = lambda m: order_of.index(m) if m in order_of else len(order_of)
     if not parts:
@@ -560,15 +560,15 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
                   wall_s=max(p.get("wall_s", 0.0) for p in parts),
                   parts=[{k: p.get(k) for k in PART_FIELDS} for p in parts],
                   av_error_from="this merge" if diag_samples > 0 else "the parts")
-    zs_parts = [p["zero_shot"] for p in zs_parts]
-    if zs_parts:
+    shots = [p["zero_shot"] for p in zs_parts]
+    if shots:
         setting = lambda z: (z["num_inputs"], z["box"], z["seed"], z["tasks"])
-        if any(setting(z) != setting(zs_parts[0]) for z in zs_parts[1:]):
+        if any(setting(z) != setting(shots[0]) for z in shots[1:]):
             raise ValueError("the parts' zero-shot rows were made on other inputs or settings: they cannot be merged")
-        zs_rows = {(r["task"], r["name"]): r for z in zs_parts for r in z["rows"]}
-        result["zero_shot"] = {**{k: zs_parts[0][k] for k in ("num_inputs", "box", "seed", "tasks")},
+        zs_rows = {(r["task"], r["name"]): r for z in shots for r in z["rows"]}
+        result["zero_shot"] = {**{k: shots[0][k] for k in ("num_inputs", "box", "seed", "tasks")},
                                "rows": sorted(zs_rows.values(), key=lambda r: (
-                                   zs_parts[0]["tasks"].index(r["task"]), r["preset"] != "fp",
+                                   shots[0]["tasks"].index(r["task"]), r["preset"] != "fp",
                                    -(r["w_bits"] or 0), -(r["a_bits"] or 0), rank(r["method"]),
                                    r.get("calib_seed") or 0))}
     zs_names = {r["name"] for r in result.get("zero_shot", {}).get("rows", [])}
