@@ -39,6 +39,8 @@ flags.DEFINE_string("checkpoint", None, "FP checkpoint directory (default: the e
 flags.DEFINE_string("workdir", "runs/ablate", "directory of the runs (PTQ and evaluation outputs, resumable)")
 flags.DEFINE_string("out", "RESULTS.md", "the markdown table (its .json twin is written beside it)")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "compute dtype of generation")
+flags.DEFINE_enum("execution", "simulate", ["simulate", "int"], "the quantized rows: simulate (fake quant) or int "
+                  "(integer codes and GEMMs); a table holds one execution")
 flags.DEFINE_integer("per_device_batch", 16, "images per device per generation step")
 flags.DEFINE_integer("feature_batch", 32, "images per device per step of feature extraction")
 flags.DEFINE_string("classifier", None, "exported shapes classifier (default: the embedded one)")
@@ -77,7 +79,7 @@ def main(argv):
     config = EvalConfig(num_images=e.num_images, num_per_class=e.num_per_class, seed=e.seed, cfg=e.cfg,
                         top_k=e.top_k, top_p=e.top_p, num_real=e.num_real, dtype=FLAGS.dtype,
                         per_device_batch=FLAGS.per_device_batch, feature_batch=FLAGS.feature_batch,
-                        classifier=FLAGS.classifier)
+                        classifier=FLAGS.classifier, execution=FLAGS.execution)
     command = "python -m experiments.ablate " + " ".join(shlex.quote(a) for a in COMMAND_ARGS)
     if FLAGS.merge:
         result = _merge(command)

@@ -238,6 +238,23 @@ def test_merge_refuses_parts_that_do_not_belong_together(ablation_run):
         ablation.merge([])
     with pytest.raises(ValueError, match="made before the evaluation protocol"):
         ablation.merge([a, {k: v for k, v in b.items() if k != "protocol"}])
+    assert a["eval"]["execution"] == "simulate"
+    with pytest.raises(ValueError, match="differs from part 0 in eval"):     # a table holds one execution
+        ablation.merge([a, {**b, "eval": {**b["eval"], "execution": "int"}}])
+    older = {**b, "eval": {k: v for k, v in b["eval"].items() if k != "execution"}}   # parts before the field
+    assert sorted(r["name"] for r in ablation.merge([a, older])["rows"]) == sorted(r["name"] for r in result["rows"])
+
+
+def test_an_evaluation_is_reused_only_for_its_own_execution(ablation_run):
+    root, _, _ = ablation_run
+    path = next((root / "wd").glob("w4a6_*/eval_s0/results.json"))
+    results = json.loads(path.read_text())
+    assert results["samples"]["execution"] == "simulate"
+    config = dataclasses.replace(EVAL, seed=results["samples"]["seed"],
+                                 ref_samples=results["references"]["ref_samples"])
+    n, vocab = results["samples"]["num_images"], checkpoint.load(str(root / "model")).var_cfg.vocab_size
+    assert ablation._eval_reusable(results, config, n, vocab, "simulate")
+    assert not ablation._eval_reusable(results, dataclasses.replace(config, execution="int"), n, vocab, "int")
 
 
 def test_cli_merge_writes_the_table_and_rejects_a_bad_file(ablation_run, tmp_path):

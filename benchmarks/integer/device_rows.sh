@@ -1,36 +1,64 @@
 #!/bin/bash
-# Issue 16 on one H200, in one device command (≤ 10 min): what the one-pass activation kernel buys.
-#   1. bench_gemm.py quick: per Linear (d16 qkv, d30 fc1, d30 fc2 × W8A8, W4A6, W4A4), XLA's activation codes
-#      against act_kernel.py's, the whole Linear with each, and bf16 beside them (same process, same GPU).
-#   2. Whole sampling calls, batch 64, scanned blocks: our bf16 and the integer model with the activation and
-#      attention kernels (d16 bf16 + W4A6 shift-and-sum; d30 bf16 + W8A8 when STEPS includes d30 — its integer
-#      compile is ~200 s; d16attn: W4A6 again with XLA's attention, the attention kernel's share).
-#   3. With BREAKDOWN=1: one more d16 W4A6 call profiled with command buffers off (time per part).
-# Outputs land in $OUT (gemm.json, rows_*.json, logs); each step has its own timeout so the others come back.
-#   bash benchmarks/integer/device_rows.sh            # steps gemm,d16
-#   STEPS=gemm,d16,d30 BREAKDOWN=1 bash benchmarks/integer/device_rows.sh
+# Issue 16 on one H200: the rows of BENCHMARKS.md's integer-execution table, in device commands of ≤ 10 minutes.
+# STEPS picks, in this order (each with its own timeout, so the others come back; outputs in $OUT):
+#   official  the official VAR's FP sampling, d30 and d16 at batch 64 (official.json; REF_DIR=.refs, carried)
+#   check     the Pallas kernels compiled on this GPU against the XLA math (kernel_check.json); a kernel that fails
+#             is left out of the rows below (they fall back to XLA, and the rows record it)
+#   d16       our bf16 and W4A6 shift-and-sum integer, d16 batch 64      d16attn  W4A6 again, XLA's attention
+#   d30       our bf16 and W8A8 integer, d30 batch 64 (integer compile ~200 s)
+#   breakdown one more d16 W4A6 call profiled with command buffers off (time per part)
+#   lowbits   W4A8 and W4A4 integer, d16 batch 64      latency  bf16 and W4A6 at d16 batch 8 and 1
+#   gemm      bench_gemm.py quick: one Linear per config, XLA's codes vs the kernel's, bf16 beside
+#   intsim    the research model's W8A8/W4A6 baselines evaluated in integer execution (results_part.sh; compare
+#             with the simulated parts by int_vs_sim.py)
+# Every row: scanned blocks, random weights, CFG 1.5, top-k 900, top-p 0.96, median of 5 after a warm-up.
+#   STEPS=official,check,d16,d16attn bash benchmarks/integer/device_rows.sh
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-STEPS=${STEPS:-gemm,d16}
+STEPS=${STEPS:-official,check,d16}
 T0=$(date +%s)
 has() { [[ ",$STEPS," == *",$1,"* ]]; }
-if has gemm; then
-    timeout 200 python benchmarks/integer/bench_gemm.py $OUT/gemm.json quick 2>&1 | grep --line-buffered -v "^W\|^I" \
-        | tail -n 40 > $OUT/gemm.log
+quiet() { grep --line-buffered -v "^W\|^I"; }
+if has official; then      # fp16 as the official code runs; where its GEMMs fail here, bf16 (official_fp.py)
+    for env in "AUTOCAST=float16" "AUTOCAST=bfloat16"; do
+        env REF_DIR=${REF_DIR:-.refs} $env timeout 150 python3 benchmarks/integer/official_fp.py $OUT/official.json \
+            d30:64,d16:64 > $OUT/official_${env#AUTOCAST=}.log 2>&1 && break
+    done
+    tail -n 2 $OUT/official_*.log
 fi
+ACT=pallas ATTN=pallas
+K_FILE=/tmp/kernel_check.json
+if has check; then
+    timeout 150 python benchmarks/integer/kernel_check.py $K_FILE 2>&1 | quiet | tail -n 40 > $OUT/kernel_check.log
+    cp $K_FILE $OUT/ 2>/dev/null; tail -n 1 $OUT/kernel_check.log
+fi
+if [ -f $K_FILE ]; then
+    grep -q '"act_ok": true' $K_FILE || ACT=xla
+    grep -q '"attn_ok": true' $K_FILE || ATTN=xla
+else
+    echo "no kernel check on this machine: the rows use the kernels unchecked"
+fi
+K=(--int_act_kernel=$ACT --int_attn_kernel=$ATTN)
 bench() {   # NAME TIMEOUT ROWS [more flags]
     local name=$1 limit=$2 rows=$3; shift 3
     timeout $limit python -m experiments.benchmark --presets "" --quant_presets "" --batches 64 --nobreakdown \
-        --int_rows $rows --out $OUT/rows_$name.json "$@" 2>&1 | grep --line-buffered -v "^W\|^I" \
-        | tee $OUT/rows_$name.log
+        --int_rows $rows --out $OUT/rows_$name.json "$@" 2>&1 | quiet | tee $OUT/rows_$name.log
 }
-K=(--int_act_kernel=pallas --int_attn_kernel=pallas)
 has d16 && bench d16 240 d16:fp,d16:w4a6sas "${K[@]}"
-has d16attn && bench d16attn 200 d16:w4a6sas --int_act_kernel=pallas       # the attention kernel's share
+has d16attn && bench d16attn 200 d16:w4a6sas --int_act_kernel=$ACT          # the attention kernel's share
 has d30 && bench d30 330 d30:fp,d30:w8a8 "${K[@]}"
-if [ "${BREAKDOWN:-0}" = 1 ]; then
-    XLA_FLAGS=--xla_gpu_enable_command_buffer= bench d16_breakdown 200 d16:w4a6sas --breakdown "${K[@]}"
+if has breakdown; then
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= bench breakdown 200 d16:w4a6sas --breakdown "${K[@]}"
 fi
-echo "total $(( $(date +%s) - T0 )) s" | tee -a $OUT/gemm.log
+has lowbits && bench lowbits 240 d16:w4a8,d16:w4a4 "${K[@]}"
+has latency && bench latency 300 d16:fp,d16:w4a6sas --batches 8,1 "${K[@]}"
+if has gemm; then
+    timeout 200 python benchmarks/integer/bench_gemm.py $OUT/gemm.json quick 2>&1 | quiet | tail -n 40 > $OUT/gemm.log
+fi
+if has intsim; then
+    PART_TIMEOUT=${INTSIM_TIMEOUT:-400} bash benchmarks/research/results_part.sh int_sim --presets=w8a8,w4a6 \
+        --methods=baseline --execution=int > /dev/null
+fi
+echo "total $(( $(date +%s) - T0 )) s" | tee -a $OUT/steps.log

@@ -2,6 +2,9 @@
 
   REF_DIR=.refs python benchmarks/integer/official_fp.py OUT.json d30:64,d16:64
 Needs a checkout of github FoundationVision/VAR (never committed) at REF_DIR/FoundationVision+VAR.
+BLAS=cublaslt picks PyTorch's cuBLASLt backend. AUTOCAST=bfloat16 autocasts to bf16 instead of the official fp16:
+on the H200 image of sessions 9 and 16 every fp16 GEMM of PyTorch 2.11 failed with CUBLAS_STATUS_INTERNAL_ERROR
+(also through cuBLASLt), while bf16 ran — the same FLOPs on the same tensor cores, so the closest reference there.
 """
 import json
 import os
@@ -25,7 +28,11 @@ def timeit(fn, n=5):
 
 def main(out, specs):
     torch.backends.cuda.matmul.allow_tf32 = True
-    res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": []}
+    if os.environ.get("BLAS"):
+        torch.backends.cuda.preferred_blas_library(os.environ["BLAS"])
+    autocast = getattr(torch, os.environ.get("AUTOCAST", "float16"))
+    res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "blas": os.environ.get("BLAS", "default"),
+           "autocast": str(autocast), "rows": []}
     for spec in specs.split(","):
         depth, batch = (int(v) for v in spec.removeprefix("d").split(":"))
         torch.manual_seed(0)
@@ -39,12 +46,12 @@ def main(out, specs):
         labels = torch.arange(batch, device="cuda") % 1000
 
         def go():
-            with torch.inference_mode(), torch.autocast("cuda", enabled=True, dtype=torch.float16, cache_enabled=True):
+            with torch.inference_mode(), torch.autocast("cuda", enabled=True, dtype=autocast, cache_enabled=True):
                 var.autoregressive_infer_cfg(B=batch, label_B=labels, cfg=1.5, top_k=900, top_p=0.96, g_seed=0,
                                              more_smooth=False)
         t = timeit(go)
         res["rows"].append({"depth": depth, "batch": batch, "s": t, "img_per_s": batch / t})
-        print(f"official VAR d{depth} B{batch}: {t * 1e3:.1f} ms ({batch / t:.1f} img/s)", flush=True)
+        print(f"official VAR d{depth} B{batch} ({autocast}): {t * 1e3:.1f} ms ({batch / t:.1f} img/s)", flush=True)
         vae = var = None
         torch.cuda.empty_cache()
     with open(out, "w") as f:

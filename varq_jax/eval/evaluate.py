@@ -288,6 +288,7 @@ def evaluate(checkpoint: Optional[str], out_dir: str, config: EvalConfig, *, mes
         "quantization": _quant_summary(model),
         "samples": {"path": run.samples_path, "grid": run.grid_path, "num_images": run.num_images,
                     "seed": config.seed, "sampling": dataclasses.asdict(settings), "dtype": config.dtype,
+                    "execution": getattr(model.policy, "execution", "simulate"),
                     "generated": run.generated, "reused": run.reused, "seconds": round(run.seconds, 3),
                     "devices": int(mesh.size), "processes": jax.process_count()},
         "references": {"ref_batch": config.ref_batch, "ref_samples": config.ref_samples,

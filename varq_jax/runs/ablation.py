@@ -94,10 +94,12 @@ def _ptq(run: Run, checkpoint: Optional[str], run_dir: str, log: Callable, calib
     return json.load(open(report_path))        # what was written (JSON types), as a skipped run would read it
 
 
-def _eval_reusable(results: dict, config: ev.EvalConfig, num_images: int, vocab_size: int) -> bool:
+def _eval_reusable(results: dict, config: ev.EvalConfig, num_images: int, vocab_size: int,
+                   execution: str) -> bool:
     s = results.get("samples", {})
     settings = json.loads(json.dumps(dataclasses.asdict(config.sampling_config(vocab_size))))
     return (s.get("num_images") == num_images and s.get("seed") == config.seed and s.get("dtype") == config.dtype
+            and s.get("execution", "simulate") == execution
             and s.get("sampling") == settings and results.get("metrics")
             and results.get("references", {}).get("ref_samples") == config.ref_samples)
 
@@ -112,7 +114,8 @@ def _evaluate(checkpoint: Optional[str], run_dir: str, config: ev.EvalConfig, re
     if os.path.exists(results_path) and os.path.exists(time_path) and (res.classifier is None
                                                                        or os.path.exists(per_image)):
         results = json.load(open(results_path))
-        if _eval_reusable(results, config, num_images, vocab_size):
+        execution = "simulate" if model is not None and model.policy is None else config.execution   # FP: float
+        if _eval_reusable(results, config, num_images, vocab_size, execution):
             log(f"[{os.path.basename(run_dir)}/{name}] evaluation outputs exist: skipped")
             return results, json.load(open(time_path))["seconds"]
     t = time.perf_counter()
@@ -370,7 +373,7 @@ def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str,
         "random_weights": bool(ck.meta.get("random_weights", False)),
         "num_images": protocol.num_images, "protocol": protocol.to_dict(),
         "eval": {k: v for k, v in dataclasses.asdict(eval_config).items()
-                 if k in ("cfg", "top_k", "top_p", "dtype", "num_real")},
+                 if k in ("cfg", "top_k", "top_p", "dtype", "num_real", "execution")},
         "classifier": ({"path": res.classifier.source, **res.classifier.info} if res.classifier else None),
         "eval_notes": fp_results[0].get("notes", []), "presets": list(plan.presets), "methods": list(plan.methods),
         "overrides": {k: str(v) for k, v in dict(plan.overrides).items()}, "command": command, **environment(),
@@ -480,7 +483,8 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
         raise ValueError(f"part {old[0]} ({parts[old[0]].get('command')!r}) was made before the evaluation protocol "
                          f"(no seeds, no intervals): run it again with this version")
     settings = lambda p: {**p, "protocol": {k: v for k, v in p["protocol"].items()    # checked apart
-                                            if k not in ("extra_calib", "zero_shot_images")}}
+                                            if k not in ("extra_calib", "zero_shot_images")},
+                          "eval": {"execution": "simulate", **p["eval"]}}   # parts before it simulated
     for i, p in enumerate(parts[1:], 1):
         diff = [k for k in SHARED if settings(p).get(k) != settings(first).get(k)]
         if diff:

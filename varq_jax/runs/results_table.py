@@ -76,7 +76,8 @@ def table(rows: Sequence[dict]) -> List[str]:
 def _images_line(result: dict) -> str:
     e, p = result["eval"], result["protocol"]
     sampling = (f"sampling CFG {e['cfg']}, top-k {e['top_k']} (clipped to the vocabulary), top-p {e['top_p']}, "
-                f"{e['dtype']}")
+                f"{e['dtype']}" + (", quantized rows in integer execution (integer codes and GEMMs)"
+                                   if e.get("execution", "simulate") == "int" else ""))
     noise = (f"; the FP model again with seeds {', '.join(map(str, p['noise_seeds']))} (the noise floor, row "
              f"'other seeds')" if p["noise_seeds"] else "")
     return (f"- Images: {result['num_images']} per model — seeds {', '.join(map(str, p['seeds']))} × "
