@@ -5,9 +5,12 @@
 #   check     the Pallas kernels compiled on this GPU against the XLA math (kernel_check.json); a kernel that fails
 #             is left out of the rows below (they fall back to XLA, and the rows record it)
 #   d16       our bf16 and W4A6 shift-and-sum integer, d16 batch 64      d16attn  W4A6 again, XLA's attention
+#   d16xla    W4A6 again with XLA's activation codes and attention (the activation kernel's share, same lease)
 #   d30       our bf16 and W8A8 integer, d30 batch 64 (integer compile ~200 s)
 #   breakdown one more d16 W4A6 call profiled with command buffers off (time per part)
 #   lowbits   W4A8 and W4A4 integer, d16 batch 64      latency  bf16 and W4A6 at d16 batch 8 and 1
+#   parts     call_parts.py: every Linear and attention of a d16 W4A6 and a d30 W8A8 call timed alone at its
+#             shapes, bf16 beside (the breakdown without a profiler; the rest from the d16/d30 rows of this run)
 #   gemm      bench_gemm.py quick: one Linear per config, XLA's codes vs the kernel's, bf16 beside
 #   intsim    the research model's W8A8/W4A6 baselines evaluated in integer execution (results_part.sh; compare
 #             with the simulated parts by int_vs_sim.py)
@@ -48,12 +51,18 @@ bench() {   # NAME TIMEOUT ROWS [more flags]
 }
 has d16 && bench d16 240 d16:fp,d16:w4a6sas "${K[@]}"
 has d16attn && bench d16attn 200 d16:w4a6sas --int_act_kernel=$ACT          # the attention kernel's share
-has d30 && bench d30 330 d30:fp,d30:w8a8 "${K[@]}"
+has d16xla && bench d16xla 200 d16:w4a6sas --int_act_kernel=xla --int_attn_kernel=xla
+has d30 && bench d30 450 d30:fp,d30:w8a8 "${K[@]}"
 if has breakdown; then
     XLA_FLAGS=--xla_gpu_enable_command_buffer= bench breakdown 200 d16:w4a6sas --breakdown "${K[@]}"
 fi
 has lowbits && bench lowbits 240 d16:w4a8,d16:w4a4 "${K[@]}"
 has latency && bench latency 300 d16:fp,d16:w4a6sas --batches 8,1 "${K[@]}"
+if has parts; then
+    CALLS=$(ls $OUT/rows_d16.json $OUT/rows_d30.json 2>/dev/null | paste -sd, -)
+    timeout 300 python benchmarks/integer/call_parts.py $OUT/call_parts.json d16:64:w4a6sas,d30:64:w8a8 $ACT $ATTN \
+        --calls=$CALLS 2>&1 | quiet | tail -n 20 > $OUT/call_parts.log
+fi
 if has gemm; then
     timeout 200 python benchmarks/integer/bench_gemm.py $OUT/gemm.json quick 2>&1 | quiet | tail -n 40 > $OUT/gemm.log
 fi
