@@ -43,7 +43,9 @@ flags.DEFINE_integer("feature_batch", 200, "images per device per Inception step
 flags.DEFINE_string("int_rows", "", "PRESET:CONFIG[:EXECUTION] rows timed side by side: CONFIG fp (bf16), w8a8, w6a6, "
                     "w4a8, w4a6, w4a4, with 'sas' appended for shift-and-sum (θ = --eval_theta); EXECUTION int "
                     "(default) or simulate; e.g. d30:fp,d30:w8a8,d16:fp,d16:w4a6sas,d16:w4a6sas:simulate")
-flags.DEFINE_string("int_kernel", "auto", "integer GEMM of the int rows: auto | xla | pallas")
+flags.DEFINE_string("int_kernel", "auto", "integer GEMM of the int rows: auto | xla | pallas | dequant (weight "
+                    "codes dequantized in the call, a 16-bit GEMM on fake-quantized inputs: the simulation's "
+                    "arithmetic)")
 flags.DEFINE_string("int_act_kernel", "xla", "activation codes of the int rows: xla | pallas (one-pass kernel)")
 flags.DEFINE_string("int_attn_kernel", "xla", "quantized attention of the int rows: xla | pallas (attn_kernel.py: "
                     "the scores never written)")
@@ -162,7 +164,8 @@ def bench_int_row(spec: str, batches, repeats, rows):
         row = {"what": f"{preset} {config} {mode} {blocks}", "preset": preset, "config": config, "execution": mode,
                "blocks": blocks, "batch": b, "compile_s": ct, "s": t, "img_per_s": b / t,
                "model_bytes": model_bytes, "coded_linear_bytes": coded, "call_peak_bytes": peak,
-               "act_kernel": getattr(policy, "act_kernel", None), "attn_kernel": getattr(policy, "attn_kernel", None),
+               "gemm": getattr(policy, "kernel", None), "act_kernel": getattr(policy, "act_kernel", None),
+               "attn_kernel": getattr(policy, "attn_kernel", None),
                "xla_flags": os.environ.get("XLA_FLAGS", "")}
         if FLAGS.breakdown and jax.default_backend() == "gpu":   # kernels map to scopes only without command
             # buffers: run the breakdown with XLA_FLAGS=--xla_gpu_enable_command_buffer= (recorded in the row)

@@ -173,6 +173,11 @@ def test_every_presets_forward_is_near_the_simulation(tiny, teacher_forced, name
     sim = forward(VAR_CFG, policy, {"params": tiny["var"], "quant": quant}, labels, x)
     got = forward(VAR_CFG, int_policy, {"params": params, "quant": iq}, labels, x)
     assert rms(got - sim) <= 0.75 * rms(sim - fp), (rms(got - sim), rms(sim - fp))
+    # kernel='dequant': the same integer model through the simulation's arithmetic — its logits, from the codes
+    # (bit for bit on the CPU with jax 0.10; the bound leaves room for another fusion order)
+    dequant = forward(VAR_CFG, dataclasses.replace(int_policy, kernel="dequant"), {"params": params, "quant": iq},
+                      labels, x)
+    np.testing.assert_allclose(np.asarray(dequant), np.asarray(sim), rtol=0, atol=1e-6 * rms(sim))
 
 
 def test_the_attention_kernels_run_the_models_quantized_attention(tiny, teacher_forced):

@@ -6,6 +6,8 @@
 #             is left out of the rows below (they fall back to XLA, and the rows record it)
 #   d16       our bf16 and W4A6 shift-and-sum integer, d16 batch 64      d16attn  W4A6 again, XLA's attention
 #   d16xla    W4A6 again with XLA's activation codes and attention (the activation kernel's share, same lease)
+#   dequant   W4A6 (d16) and W8A8 (d30) from integer codes through IntegerPolicy(kernel="dequant"): ŵ made in the
+#             call, fake-quantized inputs, 16-bit GEMMs (the simulation's arithmetic at the codes' memory)
 #   d30       our bf16 and W8A8 integer, d30 batch 64 (integer compile ~200 s)
 #   breakdown one more d16 W4A6 call profiled with command buffers off (time per part)
 #   lowbits   W4A8 and W4A4 integer, d16 batch 64      latency  bf16 and W4A6 at d16 batch 8 and 1
@@ -52,6 +54,7 @@ bench() {   # NAME TIMEOUT ROWS [more flags]
 has d16 && bench d16 240 d16:fp,d16:w4a6sas "${K[@]}"
 has d16attn && bench d16attn 200 d16:w4a6sas --int_act_kernel=$ACT          # the attention kernel's share
 has d16xla && bench d16xla 200 d16:w4a6sas --int_act_kernel=xla --int_attn_kernel=xla
+has dequant && bench dequant 300 d16:w4a6sas,d30:w8a8 --int_kernel=dequant --int_attn_kernel=$ATTN
 has d30 && bench d30 450 d30:fp,d30:w8a8 "${K[@]}"
 if has breakdown; then
     XLA_FLAGS=--xla_gpu_enable_command_buffer= bench breakdown 200 d16:w4a6sas --breakdown "${K[@]}"

@@ -10,6 +10,7 @@ execution="int")` builds it straight from a checkpoint's codes.
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 from varq_jax.models.var import dense as float_dense
@@ -18,6 +19,7 @@ from varq_jax.quant.policy import QuantPolicy
 
 EXECUTIONS = ("simulate", "int")
 KERNELS = ("auto", "xla", "pallas")
+GEMMS = KERNELS + ("dequant",)
 FORM = ("codes", "scale", "zero", "bsum")
 
 
@@ -74,7 +76,7 @@ def model_bytes(var_params: dict, quant: dict) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class IntegerPolicy(QuantPolicy):
-    kernel: str = "auto"          # integer GEMM: xla | pallas (Triton) | auto (see `gemm`)
+    kernel: str = "auto"          # integer GEMM: xla | pallas (Triton) | auto (see `gemm`) | dequant (below)
     act_kernel: str = "xla"       # activation codes: xla | pallas (one-pass Triton kernel, `act_kernel.py`)
     attn_kernel: str = "xla"      # quantized attention: xla | pallas (scores never written, `attn_kernel.py`)
     interpret: bool = False       # run the Pallas kernels in interpret mode (tests on CPU)
@@ -83,8 +85,8 @@ class IntegerPolicy(QuantPolicy):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.kernel not in GEMMS:
+            raise ValueError(f"kernel must be one of {GEMMS}, got {self.kernel!r}")
         for name in ("act_kernel", "attn_kernel"):
             if getattr(self, name) not in KERNELS[1:]:
                 raise ValueError(f"{name} must be one of {KERNELS[1:]}, got {getattr(self, name)!r}")
@@ -144,5 +146,12 @@ class IntegerPolicy(QuantPolicy):
         if not rule.acts:
             w_hat = integer.dequantize(p, form)
             return float_dense(x, w_hat, bias, module.dtype, module.out_dtype)
+        if self.kernel == "dequant":
+            # the simulation's arithmetic from the stored codes: ŵ made in the call, x̂ fake-quantized, both in
+            # the simulation's operand dtype (a 16-bit GEMM, not integer arithmetic) — the codes' memory at the
+            # simulation's speed
+            with jax.named_scope("act_quant"):
+                x_hat = self.quantized_input(module, x.astype(jnp.float32), rule, x.shape[-1])
+            return float_dense(x_hat, integer.dequantize(p, form), bias, self.operands(module.dtype), out_dtype)
         return integer.dense(p, x, form, bias, out_dtype, kernel=self.gemm(p), interpret=self.interpret,
                              act=self.act_kernel)
