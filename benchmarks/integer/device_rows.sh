@@ -10,9 +10,10 @@
 #             call, fake-quantized inputs, 16-bit GEMMs (the simulation's arithmetic at the codes' memory)
 #   d30       our bf16 and W8A8 integer, d30 batch 64 (integer compile ~200 s)
 #   breakdown one more d16 W4A6 call profiled with command buffers off (time per part)
-#   lowbits   W4A8 and W4A4 integer, d16 batch 64      latency  bf16 and W4A6 at d16 batch 8 and 1
+#   lowbits   W4A8, W4A4 and W8A8 integer, d16 batch 64      latency  bf16 and W4A6 at d16 batch 8 and 1
 #   parts     call_parts.py: every Linear and attention of a d16 W4A6 and a d30 W8A8 call timed alone at its
-#             shapes, bf16 beside (the breakdown without a profiler; the rest from the d16/d30 rows of this run)
+#             shapes, bf16 beside (the breakdown without a profiler; the rest from the d16/d30 rows of this run;
+#             PARTS=d16:64:w4a6sas picks the calls)
 #   gemm      bench_gemm.py quick: one Linear per config, XLA's codes vs the kernel's, bf16 beside
 #   intsim    the research model's W8A8/W4A6 baselines evaluated in integer execution (results_part.sh; compare
 #             with the simulated parts by int_vs_sim.py)
@@ -59,11 +60,12 @@ has d30 && bench d30 450 d30:fp,d30:w8a8 "${K[@]}"
 if has breakdown; then
     XLA_FLAGS=--xla_gpu_enable_command_buffer= bench breakdown 200 d16:w4a6sas --breakdown "${K[@]}"
 fi
-has lowbits && bench lowbits 240 d16:w4a8,d16:w4a4 "${K[@]}"
+has lowbits && bench lowbits 300 d16:w4a8,d16:w4a4,d16:w8a8 "${K[@]}"
 has latency && bench latency 300 d16:fp,d16:w4a6sas --batches 8,1 "${K[@]}"
 if has parts; then
     CALLS=$(ls $OUT/rows_d16.json $OUT/rows_d30.json 2>/dev/null | paste -sd, -)
-    timeout 300 python benchmarks/integer/call_parts.py $OUT/call_parts.json d16:64:w4a6sas,d30:64:w8a8 $ACT $ATTN \
+    timeout 300 python benchmarks/integer/call_parts.py $OUT/call_parts.json ${PARTS:-d16:64:w4a6sas,d30:64:w8a8} \
+        $ACT $ATTN \
         --calls=$CALLS 2>&1 | quiet | tail -n 20 > $OUT/call_parts.log
 fi
 if has gemm; then
@@ -74,3 +76,8 @@ if has intsim; then
         --methods=baseline --execution=int > /dev/null
 fi
 echo "total $(( $(date +%s) - T0 )) s" | tee -a $OUT/steps.log
+# the device returns at most 8 files: past that, everything travels as one bundle
+if [ $(find $OUT -maxdepth 1 -type f | wc -l) -gt 8 ]; then
+    tar -C $OUT -czf /tmp/device_rows.tgz --exclude=device_rows.tgz . && find $OUT -mindepth 1 -delete \
+        && mv /tmp/device_rows.tgz $OUT/
+fi
