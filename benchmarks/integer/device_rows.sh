@@ -9,6 +9,7 @@
 #   dequant   W4A6 (d16) and W8A8 (d30) from integer codes through IntegerPolicy(kernel="dequant"): ŵ made in the
 #             call, fake-quantized inputs, 16-bit GEMMs (the simulation's arithmetic at the codes' memory)
 #   d30       our bf16 and W8A8 integer, d30 batch 64 (integer compile ~200 s)
+#   d30w4     W4A6 shift-and-sum integer at d30 batch 64 (the W4 peak at d30)
 #   breakdown one more d16 W4A6 call profiled with command buffers off (time per part)
 #   lowbits   W4A8, W4A4 and W8A8 integer, d16 batch 64      latency  bf16 and W4A6 at d16 batch 8 and 1
 #   parts     call_parts.py: every Linear and attention of a d16 W4A6 and a d30 W8A8 call timed alone at its
@@ -57,6 +58,7 @@ has d16attn && bench d16attn 200 d16:w4a6sas --int_act_kernel=$ACT          # th
 has d16xla && bench d16xla 200 d16:w4a6sas --int_act_kernel=xla --int_attn_kernel=xla
 has dequant && bench dequant 300 d16:w4a6sas,d30:w8a8 --int_kernel=dequant --int_attn_kernel=$ATTN
 has d30 && bench d30 450 d30:fp,d30:w8a8 "${K[@]}"
+has d30w4 && bench d30w4 450 d30:w4a6sas "${K[@]}"
 if has breakdown; then
     XLA_FLAGS=--xla_gpu_enable_command_buffer= bench breakdown 200 d16:w4a6sas --breakdown "${K[@]}"
 fi
