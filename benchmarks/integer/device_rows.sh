@@ -56,7 +56,7 @@ bench() {   # NAME TIMEOUT ROWS [more flags]
 has d16 && bench d16 240 d16:fp,d16:w4a6sas "${K[@]}"
 has d16attn && bench d16attn 200 d16:w4a6sas --int_act_kernel=$ACT          # the attention kernel's share
 has d16xla && bench d16xla 200 d16:w4a6sas --int_act_kernel=xla --int_attn_kernel=xla
-has dequant && bench dequant 300 d16:w4a6sas,d30:w8a8 --int_kernel=dequant --int_attn_kernel=$ATTN
+has dequant && bench dequant 300 d16:w4a6sas,d30:w8a8 --int_kernel=dequant     # XLA attention, as the simulation
 has d30 && bench d30 450 d30:fp,d30:w8a8 "${K[@]}"
 has d30w4 && bench d30w4 450 d30:w4a6sas "${K[@]}"
 if has breakdown; then
