@@ -6,8 +6,8 @@
 #             is left out of the rows below (they fall back to XLA, and the rows record it)
 #   d16       our bf16 and W4A6 shift-and-sum integer, d16 batch 64      d16attn  W4A6 again, XLA's attention
 #   d16xla    W4A6 again with XLA's activation codes and attention (the activation kernel's share, same lease)
-#   dequant   W4A6 (d16) and W8A8 (d30) from integer codes through IntegerPolicy(kernel="dequant"): ŵ made in the
-#             call, fake-quantized inputs, 16-bit GEMMs (the simulation's arithmetic at the codes' memory)
+#   dequant   W4A6 (d16, beside the simulation) and W8A8 (d30) from integer codes through kernel="dequant":
+#             ŵ made in the call, fake-quantized inputs, 16-bit GEMMs (the simulation's arithmetic, the codes' memory)
 #   d30       our bf16 and W8A8 integer, d30 batch 64 (integer compile ~200 s)
 #   d30w4     W4A6 shift-and-sum integer at d30 batch 64 (the W4 peak at d30)
 #   breakdown one more d16 W4A6 call profiled with command buffers off (time per part)
@@ -56,7 +56,7 @@ bench() {   # NAME TIMEOUT ROWS [more flags]
 has d16 && bench d16 240 d16:fp,d16:w4a6sas "${K[@]}"
 has d16attn && bench d16attn 200 d16:w4a6sas --int_act_kernel=$ACT          # the attention kernel's share
 has d16xla && bench d16xla 200 d16:w4a6sas --int_act_kernel=xla --int_attn_kernel=xla
-has dequant && bench dequant 300 d16:w4a6sas,d30:w8a8 --int_kernel=dequant     # XLA attention, as the simulation
+has dequant && bench dequant 360 d16:w4a6sas,d16:w4a6sas:simulate,d30:w8a8 --int_kernel=dequant  # XLA attention
 has d30 && bench d30 450 d30:fp,d30:w8a8 "${K[@]}"
 has d30w4 && bench d30w4 450 d30:w4a6sas "${K[@]}"
 if has breakdown; then
