@@ -9,7 +9,7 @@ import json
 import sys
 
 from varq_jax.eval import paired
-from varq_jax.runs import protocol
+from varq_jax.runs import ablation, protocol
 
 METRICS = [(m, title) for m, title, _ in protocol.METRICS]
 
@@ -19,6 +19,12 @@ def _part(path):
     return part, protocol.load_values(protocol.values_path(path))
 
 
+def _settings(part) -> dict:
+    """What a merge requires parts to share (`ablation.SHARED`), less the execution."""
+    return {**{k: part.get(k) for k in ablation.SHARED},
+            "eval": {k: v for k, v in part["eval"].items() if k != "execution"}}
+
+
 def compare(int_path: str, sim_paths) -> dict:
     ip, iv = _part(int_path)
     if ip["eval"].get("execution") != "int":
@@ -26,10 +32,9 @@ def compare(int_path: str, sim_paths) -> dict:
     out = {"int_part": int_path, "sim_parts": list(sim_paths), "rows": []}
     for sim_path in sim_paths:
         sp, sv = _part(sim_path)
-        same = {k: ip[k] for k in ("model", "protocol", "num_images") if ip[k] != sp[k]}
-        if same or {k: v for k, v in ip["eval"].items() if k != "execution"} != \
-                {k: v for k, v in sp["eval"].items() if k != "execution"}:
-            raise ValueError(f"{sim_path} is not the same table as {int_path}: {sorted(same) or 'eval'} differ")
+        differ = [k for k in ablation.SHARED if _settings(ip)[k] != _settings(sp)[k]]
+        if differ:
+            raise ValueError(f"{sim_path} is not the same table as {int_path}: {', '.join(differ)} differ")
         for row in ip["rows"]:
             if row["preset"] == "fp" or row["name"] not in sv:
                 continue
