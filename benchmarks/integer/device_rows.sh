@@ -6,15 +6,18 @@
 #             is left out of the rows below (they fall back to XLA, and the rows record it)
 #   d16       our bf16 and W4A6 shift-and-sum integer, d16 batch 64      d16attn  W4A6 again, XLA's attention
 #   d16xla    W4A6 again with XLA's activation codes and attention (the activation kernel's share, same lease)
-#   dequant   W4A6 (d16, beside the simulation) and W8A8 (d30) from integer codes through kernel="dequant":
-#             ŵ made in the call, fake-quantized inputs, 16-bit GEMMs (the simulation's arithmetic, the codes' memory)
+#   dequant   W4A6 (d16, beside the simulation) from integer codes through kernel="dequant": ŵ made in the call,
+#             fake-quantized inputs, 16-bit GEMMs (the simulation's arithmetic, the codes' memory)
+#   dequant30 W8A8 at d30 the same way (its compile alone is minutes: a step of its own)
 #   d30       our bf16 and W8A8 integer, d30 batch 64 (integer compile ~200 s)
 #   d30w4     W4A6 shift-and-sum integer at d30 batch 64 (the W4 peak at d30)
 #   breakdown one more d16 W4A6 call profiled with command buffers off (time per part)
-#   lowbits   W4A8, W4A4 and W8A8 integer, d16 batch 64      latency  bf16 and W4A6 at d16 batch 8 and 1
+#   lowbits   W4A8 and W4A4 integer, d16 batch 64      w8d16  W8A8 integer at d16 (the W8 peak at d16)
+#   latency   bf16 and W4A6 at d16 batch 8 and 1
 #   parts     call_parts.py: every Linear and attention of a d16 W4A6 and a d30 W8A8 call timed alone at its
 #             shapes, bf16 beside (the breakdown without a profiler; the rest from the d16/d30 rows of this run;
-#             PARTS=d16:64:w4a6sas picks the calls)
+#             PARTS=d16:64:w4a6sas picks the calls; CALLS=rows.json,... gives whole-call rows of an earlier command
+#             of the lease, copied into the tree, when this one has none)
 #   gemm      bench_gemm.py quick: one Linear per config, XLA's codes vs the kernel's, bf16 beside
 #   intsim    the research model's W8A8/W4A6 baselines evaluated in integer execution (results_part.sh; compare
 #             with the simulated parts by int_vs_sim.py)
@@ -56,16 +59,18 @@ bench() {   # NAME TIMEOUT ROWS [more flags]
 has d16 && bench d16 240 d16:fp,d16:w4a6sas "${K[@]}"
 has d16attn && bench d16attn 200 d16:w4a6sas --int_act_kernel=$ACT          # the attention kernel's share
 has d16xla && bench d16xla 200 d16:w4a6sas --int_act_kernel=xla --int_attn_kernel=xla
-has dequant && bench dequant 360 d16:w4a6sas,d16:w4a6sas:simulate,d30:w8a8 --int_kernel=dequant  # XLA attention
+has dequant && bench dequant 240 d16:w4a6sas,d16:w4a6sas:simulate --int_kernel=dequant    # XLA attention
+has dequant30 && bench dequant30 400 d30:w8a8 --int_kernel=dequant
 has d30 && bench d30 450 d30:fp,d30:w8a8 "${K[@]}"
 has d30w4 && bench d30w4 450 d30:w4a6sas "${K[@]}"
 if has breakdown; then
     XLA_FLAGS=--xla_gpu_enable_command_buffer= bench breakdown 200 d16:w4a6sas --breakdown "${K[@]}"
 fi
-has lowbits && bench lowbits 300 d16:w4a8,d16:w4a4,d16:w8a8 "${K[@]}"
+has lowbits && bench lowbits 240 d16:w4a8,d16:w4a4 "${K[@]}"
+has w8d16 && bench w8d16 240 d16:w8a8 "${K[@]}"
 has latency && bench latency 300 d16:fp,d16:w4a6sas --batches 8,1 "${K[@]}"
 if has parts; then
-    CALLS=$(ls $OUT/rows_d16.json $OUT/rows_d30.json 2>/dev/null | paste -sd, -)
+    CALLS=${CALLS:-$(ls $OUT/rows_d16.json $OUT/rows_d30.json 2>/dev/null | paste -sd, -)}
     timeout 300 python benchmarks/integer/call_parts.py $OUT/call_parts.json ${PARTS:-d16:64:w4a6sas,d30:64:w8a8} \
         $ACT $ATTN \
         --calls=$CALLS 2>&1 | quiet | tail -n 20 > $OUT/call_parts.log
