@@ -46,7 +46,8 @@ flags.DEFINE_string("int_rows", "", "PRESET:CONFIG[:EXECUTION] rows timed side b
 flags.DEFINE_string("int_kernel", "auto", "integer GEMM of the int rows: auto | xla | pallas | dequant (weight "
                     "codes dequantized in the call, a 16-bit GEMM on fake-quantized inputs: the simulation's "
                     "arithmetic)")
-flags.DEFINE_string("int_act_kernel", "xla", "activation codes of the int rows: xla | pallas (one-pass kernel)")
+flags.DEFINE_string("int_act_kernel", "auto", "activation codes of the int rows: xla | pallas (one-pass "
+                    "kernel) | auto (pallas on GPU)")
 flags.DEFINE_string("int_attn_kernel", "xla", "quantized attention of the int rows: xla | pallas (attn_kernel.py: "
                     "the scores never written)")
 flags.DEFINE_bool("breakdown", True, "profile one call of each int row: time per part (Linears, attention, "
@@ -164,7 +165,8 @@ def bench_int_row(spec: str, batches, repeats, rows):
         row = {"what": f"{preset} {config} {mode} {blocks}", "preset": preset, "config": config, "execution": mode,
                "blocks": blocks, "batch": b, "compile_s": ct, "s": t, "img_per_s": b / t,
                "model_bytes": model_bytes, "coded_linear_bytes": coded, "call_peak_bytes": peak,
-               "gemm": getattr(policy, "kernel", None), "act_kernel": getattr(policy, "act_kernel", None),
+               "gemm": getattr(policy, "kernel", None),
+               "act_kernel": policy.act_codes() if hasattr(policy, "act_codes") else None,
                "attn_kernel": getattr(policy, "attn_kernel", None),
                "xla_flags": os.environ.get("XLA_FLAGS", "")}
         if FLAGS.breakdown and jax.default_backend() == "gpu":   # kernels map to scopes only without command

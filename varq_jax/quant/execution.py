@@ -77,7 +77,7 @@ def model_bytes(var_params: dict, quant: dict) -> dict:
 @dataclasses.dataclass(frozen=True)
 class IntegerPolicy(QuantPolicy):
     kernel: str = "auto"          # integer GEMM: xla | pallas (Triton) | auto (see `gemm`) | dequant (below)
-    act_kernel: str = "xla"       # activation codes: xla | pallas (one-pass Triton kernel, `act_kernel.py`)
+    act_kernel: str = "auto"      # activation codes: xla | pallas (one-pass Triton kernel, `act_kernel.py`) | auto
     attn_kernel: str = "xla"      # quantized attention: xla | pallas (scores never written, `attn_kernel.py`)
     interpret: bool = False       # run the Pallas kernels in interpret mode (tests on CPU)
 
@@ -87,9 +87,10 @@ class IntegerPolicy(QuantPolicy):
         super().__post_init__()
         if self.kernel not in GEMMS:
             raise ValueError(f"kernel must be one of {GEMMS}, got {self.kernel!r}")
-        for name in ("act_kernel", "attn_kernel"):
-            if getattr(self, name) not in KERNELS[1:]:
-                raise ValueError(f"{name} must be one of {KERNELS[1:]}, got {getattr(self, name)!r}")
+        if self.act_kernel not in KERNELS:
+            raise ValueError(f"act_kernel must be one of {KERNELS}, got {self.act_kernel!r}")
+        if self.attn_kernel not in KERNELS[1:]:
+            raise ValueError(f"attn_kernel must be one of {KERNELS[1:]}, got {self.attn_kernel!r}")
 
     @classmethod
     def of(cls, policy: QuantPolicy, **changes) -> "IntegerPolicy":
@@ -130,6 +131,13 @@ class IntegerPolicy(QuantPolicy):
             return self.kernel
         return "pallas" if jax.default_backend() == "gpu" and p.num_blocks > 1 else "xla"
 
+    def act_codes(self) -> str:
+        """auto: the one-pass kernel on GPU (bit-identical codes; 21 ms of a 555 ms d16 W4A6 call on an H200,
+        BENCHMARKS.md), XLA elsewhere."""
+        if self.act_kernel != "auto":
+            return self.act_kernel
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+
     def dense(self, module, x, kernel, bias):
         rule = self.module_rule(module)
         path = rules_lib.join(self.prefix, "/".join(module.scope.path))
@@ -154,4 +162,4 @@ class IntegerPolicy(QuantPolicy):
                 x_hat = self.quantized_input(module, x.astype(jnp.float32), rule, x.shape[-1])
             return float_dense(x_hat, integer.dequantize(p, form), bias, self.operands(module.dtype), out_dtype)
         return integer.dense(p, x, form, bias, out_dtype, kernel=self.gemm(p), interpret=self.interpret,
-                             act=self.act_kernel)
+                             act=self.act_codes())
