@@ -8,7 +8,8 @@ jitted and timed alone, at the shapes the call runs it at:
 - the Linears outside the blocks (word embedding, the head's AdaLN, the head);
 - each scale's attention, T = pn² queries over the S = Σ pn² cached keys.
 Each part runs once in bf16 (cuDNN's attention, as the FP model) and once as the quantized model runs it (integer
-codes and GEMMs; XLA's or the kernel's activation codes and attention). Times are summed over the scales and
+codes and GEMMs; XLA's or the kernel's activation codes and attention); a quantized Linear's activation-code pass is
+also timed alone (`act_codes`, the quantization pass inside its time). Times are summed over the scales and
 multiplied by the depth. The rest is the whole call (from an `experiments.benchmark` row of the same lease, given
 as --calls) minus the parts: sampling, the VQVAE, cache writes, launches and fusion across parts.
   python benchmarks/integer/call_parts.py OUT.json d16:64:w4a6sas,d30:64:w8a8 [act_kernel attn_kernel]
@@ -46,7 +47,7 @@ def _linear_parts(var_cfg, policy, batch, act, rng, interpret):
     ip = execution.IntegerPolicy.of(policy, act_kernel=act, interpret=interpret)
     sites = [s for s in rules.model_sites(var_cfg) if s.kind == rules.LINEAR
              and (s.path.startswith("blocks_0/") or not s.path.startswith("blocks_"))]
-    out = collections.defaultdict(lambda: [0.0, 0.0])
+    out = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
     for site in sites:
         rule = policy.rule_for(site.path)
         k, n = site.in_features, site.out_features
@@ -69,10 +70,20 @@ def _linear_parts(var_cfg, policy, batch, act, rng, interpret):
                            x, wb)
             t_q = t_bf16 if form is None else timed(
                 lambda a: integer.dense(p, a, form, bias, jnp.bfloat16, ip.gemm(p), interpret=interpret, act=act), x)
+            t_codes = 0.0 if form is None else timed(lambda a: _codes(p, a, act, interpret), x)
             part = f"linear:{site.name}" if site.path.startswith("blocks_") else f"outside blocks:{site.name}"
             out[part][0] += t_bf16
             out[part][1] += t_q
+            out[part][2] += t_codes
     return out
+
+
+def _codes(p, x, act, interpret):
+    """The activation-code pass of a quantized Linear alone (inside its quantized time): the quantization pass."""
+    if act == "pallas":
+        from varq_jax.quant import act_kernel
+        return act_kernel.act_codes(p, x, interpret=interpret)
+    return integer.act_codes(p, x)
 
 
 def _attention_parts(var_cfg, policy, batch, attn, rng, interpret):
@@ -106,13 +117,14 @@ def main(out, specs, act="xla", attn="xla", calls=None):
         rng = np.random.RandomState(0)
         parts = _linear_parts(var_cfg, policy, batch, act, rng, interpret)
         row = {"preset": preset, "batch": batch, "config": config, "depth": var_cfg.depth, "parts_s": {}}
-        for name, (b, q) in parts.items():
+        for name, (b, q, c) in parts.items():
             times = 1 if name.startswith("outside") else var_cfg.depth
-            row["parts_s"][name] = {"bf16": b * times, "quantized": q * times}
+            row["parts_s"][name] = {"bf16": b * times, "quantized": q * times, "act_codes": c * times}
         a = _attention_parts(var_cfg, policy, batch, attn, rng, interpret)
         row["parts_s"]["attention"] = {"bf16": a[0] * var_cfg.depth, "quantized": a[1] * var_cfg.depth}
         for mode in ("bf16", "quantized"):
             row[f"sum_{mode}_s"] = sum(v[mode] for v in row["parts_s"].values())
+        row["act_codes_s"] = sum(v.get("act_codes", 0.0) for v in row["parts_s"].values())   # of sum_quantized_s
         for mode, key in (("bf16", f"{preset}:{batch}:fp"), ("quantized", f"{preset}:{batch}:{config}")):
             if key in calls:
                 row[f"call_{mode}_s"] = calls[key]
@@ -120,7 +132,8 @@ def main(out, specs, act="xla", attn="xla", calls=None):
         res["rows"].append(row)
         print(f"{spec}: " + "; ".join(f"{k} {v['bf16'] * 1e3:.1f} → {v['quantized'] * 1e3:.1f} ms"
                                       for k, v in row["parts_s"].items())
-              + f"; parts {row['sum_bf16_s'] * 1e3:.1f} → {row['sum_quantized_s'] * 1e3:.1f} ms", flush=True)
+              + f"; parts {row['sum_bf16_s'] * 1e3:.1f} → {row['sum_quantized_s'] * 1e3:.1f} ms"
+              + f" (activation codes {row['act_codes_s'] * 1e3:.1f} ms of it)", flush=True)
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
 
