@@ -166,7 +166,7 @@ def bench_int_row(spec: str, batches, repeats, rows):
                "blocks": blocks, "batch": b, "compile_s": ct, "s": t, "img_per_s": b / t,
                "model_bytes": model_bytes, "coded_linear_bytes": coded, "call_peak_bytes": peak,
                "gemm": getattr(policy, "kernel", None),
-               "act_kernel": policy.act_codes() if hasattr(policy, "act_codes") else None,
+               "act_kernel": policy.act_codes_kernel() if hasattr(policy, "act_codes_kernel") else None,
                "attn_kernel": getattr(policy, "attn_kernel", None),
                "xla_flags": os.environ.get("XLA_FLAGS", "")}
         if FLAGS.breakdown and jax.default_backend() == "gpu":   # kernels map to scopes only without command

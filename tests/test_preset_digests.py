@@ -47,11 +47,16 @@ def _ci_reconstruct(ck, policy, quant, calib, settings, workdir, log):
                           key=recon_stage.recon_key(settings), units=CI_UNITS)
     quant = r.quant
     for path in linear_paths(ck.params["var"]):
-        node = subtree(quant, path)
-        if "alpha" not in node:
-            alpha = rounding_alpha({"kernel": subtree(ck.params["var"], path)["kernel"]}, node, [()], "nearest")
-            quant = replace_subtree(quant, path, with_alpha(node, alpha))
+        if "alpha" not in subtree(quant, path):
+            quant = _nearest(ck, quant, path)
     return quant, {}
+
+
+def _nearest(ck, quant, path: tuple):
+    """quant with the Linear at `path` given the α under which learned rounding is round-to-nearest."""
+    node = subtree(quant, path)
+    alpha = rounding_alpha({"kernel": subtree(ck.params["var"], path)["kernel"]}, node, [()], "nearest")
+    return replace_subtree(quant, path, with_alpha(node, alpha))
 
 
 def _sha(a) -> str:
@@ -105,10 +110,7 @@ def _check(ck, recorded: dict, budget: dict, combo: str, ci: bool):
 def _assert_near_recording(ck, result, path: str, codes, rec: dict, combo: str):
     """A learned unit's codes against the recording: the same nearest codes, and all but ≤ 10 % of the bytes that
     learning moved (a real change of the method moves most of them; threshold flips a handful)."""
-    at = tuple(path.split("/"))
-    node = subtree(result.quant, at)
-    alpha = rounding_alpha({"kernel": subtree(ck.params["var"], at)["kernel"]}, node, [()], "nearest")
-    quant = replace_subtree(result.quant, at, with_alpha(node, alpha))
+    quant = _nearest(ck, result.quant, tuple(path.split("/")))
     _, nearest, _ = export.export_codes(ck.params["var"], quant, result.policy)
     nearest = np.asarray(nearest[path])
     assert _sha(nearest) == rec["nearest_sha256"], (combo, path, "nearest codes")

@@ -70,20 +70,12 @@ def _linear_parts(var_cfg, policy, batch, act, rng, interpret):
                            x, wb)
             t_q = t_bf16 if form is None else timed(
                 lambda a: integer.dense(p, a, form, bias, jnp.bfloat16, ip.gemm(p), interpret=interpret, act=act), x)
-            t_codes = 0.0 if form is None else timed(lambda a: _codes(p, a, act, interpret), x)
+            t_codes = 0.0 if form is None else timed(lambda a: integer.act_codes_with(p, a, act, interpret), x)
             part = f"linear:{site.name}" if site.path.startswith("blocks_") else f"outside blocks:{site.name}"
             out[part][0] += t_bf16
             out[part][1] += t_q
             out[part][2] += t_codes
     return out
-
-
-def _codes(p, x, act, interpret):
-    """The activation-code pass of a quantized Linear alone (inside its quantized time): the quantization pass."""
-    if act == "pallas":
-        from varq_jax.quant import act_kernel
-        return act_kernel.act_codes(p, x, interpret=interpret)
-    return integer.act_codes(p, x)
 
 
 def _attention_parts(var_cfg, policy, batch, attn, rng, interpret):

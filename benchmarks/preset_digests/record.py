@@ -91,19 +91,25 @@ CI_UNITS = ("blocks_0/attn", "blocks_0/ffn", "head")     # the CI variant recons
 def ci_reconstruct(ck, policy, quant, calib, config, workdir, log):
     """The CI variant's reconstruction stage: CI_UNITS, no error measurement, the pipeline's key; every other
     Linear gets the α under which learned rounding is round-to-nearest (so the hard-rounding θ stage runs)."""
-    linear_paths, replace_subtree, subtree = tree_paths()
-    from varq_jax.quant.reconstruction import ReconConfig, reconstruct_model, rounding_alpha, with_alpha
+    linear_paths, _, subtree = tree_paths()
+    from varq_jax.quant.reconstruction import ReconConfig, reconstruct_model
     rc = ReconConfig(iters=config.recon.iters, measure_errors=False)
     r = reconstruct_model(ck.vae_cfg, ck.var_cfg, ck.params, quant, calib.labels, calib.tokens, policy, rc,
                           key=jax.random.PRNGKey(config.calib.seed + 20_000), units=CI_UNITS)
     quant = r.quant
     for path in linear_paths(ck.params["var"]):
-        node = subtree(quant, path)
-        if "alpha" not in node:
-            kernel = subtree(ck.params["var"], path)["kernel"]
-            alpha = rounding_alpha({"kernel": kernel}, node, [()], "nearest")
-            quant = replace_subtree(quant, path, with_alpha(node, alpha))
+        if "alpha" not in subtree(quant, path):
+            quant = nearest_alpha(ck, quant, path)
     return quant, {}
+
+
+def nearest_alpha(ck, quant, path: tuple):
+    """quant with the Linear at `path` given the α under which learned rounding is round-to-nearest."""
+    from varq_jax.quant.reconstruction import rounding_alpha, with_alpha
+    _, replace_subtree, subtree = tree_paths()
+    node = subtree(quant, path)
+    alpha = rounding_alpha({"kernel": subtree(ck.params["var"], path)["kernel"]}, node, [()], "nearest")
+    return replace_subtree(quant, path, with_alpha(node, alpha))
 
 
 def run_old(preset: str, method: str, ci: bool = False) -> dict:

@@ -27,18 +27,14 @@ LEARNED = ("blocks_0/attn/mat_qkv", "blocks_0/attn/proj", "blocks_0/ffn/fc1", "b
 def main(path: str):
     from varq_jax import default_model
     from varq_jax.quant import pipeline, state
-    from varq_jax.quant.reconstruction import rounding_alpha, with_alpha
-    linear_paths, replace_subtree, subtree = record.tree_paths()
     ck = default_model.load_model(None)
     config = record.tiny_config(*COMBO.split(":"))
     with tempfile.TemporaryDirectory() as wd:
         result = pipeline.run_ptq(ck, config, wd, log=lambda *_: None, reconstruct=record.ci_reconstruct)
     _, learned = state.export_quantized(ck.params["var"], result.quant, result.policy)
     quant = result.quant
-    for p in linear_paths(ck.params["var"]):
-        node = subtree(quant, p)
-        alpha = rounding_alpha({"kernel": subtree(ck.params["var"], p)["kernel"]}, node, [()], "nearest")
-        quant = replace_subtree(quant, p, with_alpha(node, alpha))
+    for k in LEARNED:
+        quant = record.nearest_alpha(ck, quant, tuple(k.split("/")))
     _, nearest = state.export_quantized(ck.params["var"], quant, result.policy)
     out = {}
     for k in LEARNED:

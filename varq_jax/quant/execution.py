@@ -131,7 +131,7 @@ class IntegerPolicy(QuantPolicy):
             return self.kernel
         return "pallas" if jax.default_backend() == "gpu" and p.num_blocks > 1 else "xla"
 
-    def act_codes(self) -> str:
+    def act_codes_kernel(self) -> str:
         """auto: the one-pass kernel on GPU (bit-identical codes; 21 ms of a 555 ms d16 W4A6 call on an H200,
         BENCHMARKS.md), XLA elsewhere."""
         if self.act_kernel != "auto":
@@ -162,4 +162,4 @@ class IntegerPolicy(QuantPolicy):
                 x_hat = self.quantized_input(module, x.astype(jnp.float32), rule, x.shape[-1])
             return float_dense(x_hat, integer.dequantize(p, form), bias, self.operands(module.dtype), out_dtype)
         return integer.dense(p, x, form, bias, out_dtype, kernel=self.gemm(p), interpret=self.interpret,
-                             act=self.act_codes())
+                             act=self.act_codes_kernel())

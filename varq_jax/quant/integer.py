@@ -155,6 +155,14 @@ def act_codes(p: Plan, x: Array):
     return codes, scale, zero, rows
 
 
+def act_codes_with(p: Plan, x: Array, act: str = "xla", interpret: bool = False):
+    """`act_codes` made by XLA (act 'xla') or by the one-pass Pallas kernel (act 'pallas', `act_kernel`)."""
+    if act == "pallas":
+        from varq_jax.quant import act_kernel
+        return act_kernel.act_codes(p, x, interpret=interpret)
+    return act_codes(p, x)
+
+
 def _act_codes(p: Plan, x: Array):
     n = 2 ** p.a_bits
     xf = x.astype(jnp.float32)
@@ -206,11 +214,7 @@ def dense(p: Plan, x: Array, w: dict, bias: Optional[Array], out_dtype, kernel: 
     makes the product, `act` the activation codes (xla | pallas: `act_kernel`)."""
     lead = x.shape[:-1]
     with jax.named_scope("act_quant"):
-        if act == "pallas":
-            from varq_jax.quant import act_kernel
-            codes, a_scale, a_zero, rows = act_kernel.act_codes(p, x.reshape(-1, x.shape[-1]), interpret=interpret)
-        else:
-            codes, a_scale, a_zero, rows = act_codes(p, x.reshape(-1, x.shape[-1]))
+        codes, a_scale, a_zero, rows = act_codes_with(p, x.reshape(-1, x.shape[-1]), act, interpret)
     with jax.named_scope("linear"):
         if kernel == "pallas":
             from varq_jax.quant import int_kernel
