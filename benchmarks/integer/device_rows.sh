@@ -12,7 +12,7 @@
 #   d30       our bf16 and W8A8 integer, d30 batch 64 (integer compile ~200 s)
 #   d30w4     W4A6 shift-and-sum integer at d30 batch 64 (the W4 peak at d30)
 #   breakdown one more d16 W4A6 call profiled with command buffers off (time per part)
-#   lowbits   W4A8 and W4A4 integer, d16 batch 64      w8d16  W8A8 integer at d16 (the W8 peak at d16)
+#   lowbits   W4A8 and W4A4 integer, d16 batch 64      w8d16  W8A8 integer at d16 beside bf16 (the W8 peak)
 #   latency   bf16 and W4A6 at d16 batch 8 and 1
 #   parts     call_parts.py: every Linear and attention of a d16 W4A6 and a d30 W8A8 call timed alone at its
 #             shapes, bf16 beside (the breakdown without a profiler; the rest from the d16/d30 rows of this run;
@@ -67,7 +67,7 @@ if has breakdown; then
     XLA_FLAGS=--xla_gpu_enable_command_buffer= bench breakdown 200 d16:w4a6sas --breakdown "${K[@]}"
 fi
 has lowbits && bench lowbits 240 d16:w4a8,d16:w4a4 "${K[@]}"
-has w8d16 && bench w8d16 240 d16:w8a8 "${K[@]}"
+has w8d16 && bench w8d16 300 d16:fp,d16:w8a8 "${K[@]}"
 has latency && bench latency 300 d16:fp,d16:w4a6sas --batches 8,1 "${K[@]}"
 if has parts; then
     CALLS=${CALLS:-$(ls $OUT/rows_d16.json $OUT/rows_d30.json 2>/dev/null | paste -sd, -)}
