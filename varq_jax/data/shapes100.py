@@ -19,15 +19,14 @@ contrasting values),
 a low-saturation background with a linear gradient, a light/dark polarity swap (25 %), pixel noise (σ ≤ 0.02).
 Image i of a split is a pure function of (seed, split, i), as in `shapes`.
 """
-import functools
 import math
 from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
-from varq_jax.data.shapes import (SPLITS, _box, _check, _checker, _hsv_to_rgb, _star, _stripes, batch_indices,
-                                  to_float, to_uint8)
+from varq_jax.data.shapes import (_box, _checker, _hsv_to_rgb, _star, _stripes, batch_indices,
+                                  rendered_batch_uint8, to_float, to_uint8)
 
 Array = jax.Array
 
@@ -151,23 +150,10 @@ def labels_of(indices: Array) -> Array:
     return (jnp.asarray(indices) % NUM_CLASSES).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("image_size",))
-def _make_batch_uint8(seed, indices, split_id, image_size: int):
-    base = jax.random.fold_in(jax.random.key(seed), split_id)
-    labels = labels_of(indices)
-    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
-    images = jax.vmap(render, in_axes=(0, 0, None))(keys, labels, image_size)
-    return jnp.round(images * 255.0).astype(jnp.uint8), labels
-
-
 def make_batch_uint8(seed: Union[int, Array], indices: Union[Sequence[int], Array], *, split: str = "train",
                      image_size: int = 64):
     """(images uint8 [B, S, S, 3], labels int32 [B]) for dataset `indices` of `split`; jittable inside a step."""
-    _check(split, image_size)
-    indices = jnp.asarray(indices, jnp.int32)
-    if indices.ndim != 1:
-        raise ValueError(f"indices must be a 1-D array, got shape {indices.shape}")
-    return _make_batch_uint8(seed, indices, SPLITS[split], image_size)
+    return rendered_batch_uint8(render, NUM_CLASSES, seed, indices, split, image_size)
 
 
 def make_batch(seed: Union[int, Array], indices: Union[Sequence[int], Array], *, split: str = "train",
