@@ -11,9 +11,9 @@
 # PART_TIMEOUT=S stops the ablation after S seconds and still bundles what it wrote; the same command again on the
 # same warm machine (same NAME, so the same workdir) resumes it: finished runs and evaluations are skipped and a
 # reconstruction continues from its last finished unit. Run parts one at a time: a part run beside three others on
-# one GPU (session 18) sampled an FP set that differs from every sequential part's, so it did not merge. A part of seed-2026 runs only
-# (e.g. --extra_calib=w4a4:2026 --runs=w4a4_baseline_c2026) sets SHARE_CALIB=2026 once that set exists, else
-# SHARE_CALIB= (it samples the set, and leaves it for the next parts on this machine).
+# one GPU (session 18) sampled an FP set that differs from every sequential part's, so it did not merge.
+# A part of seed-2026 runs only (e.g. --extra_calib=w4a4:2026 --runs=w4a4_baseline_c2026) sets SHARE_CALIB=2026
+# once that set exists, else SHARE_CALIB= (it samples the set, and leaves it for the next parts on this machine).
 set -o pipefail
 NAME=$1; shift
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

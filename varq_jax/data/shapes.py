@@ -171,30 +171,30 @@ def _check(split: str, image_size: int):
         raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
 
 
-@functools.partial(jax.jit, static_argnames=("render_fn", "num_classes", "image_size"))
-def _rendered_uint8(render_fn, num_classes: int, seed, indices, split_id, image_size: int):
+@functools.partial(jax.jit, static_argnames=("render_fn", "labels_fn", "image_size"))
+def _rendered_uint8(render_fn, labels_fn, seed, indices, split_id, image_size: int):
     base = jax.random.fold_in(jax.random.key(seed), split_id)
-    labels = (indices % num_classes).astype(jnp.int32)
+    labels = labels_fn(indices)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
     images = jax.vmap(render_fn, in_axes=(0, 0, None))(keys, labels, image_size)
     return jnp.round(images * 255.0).astype(jnp.uint8), labels
 
 
-def rendered_batch_uint8(render_fn, num_classes: int, seed, indices, split: str, image_size: int):
-    """Images `render_fn(fold_in(fold_in(key(seed), split), i), i % num_classes)` of dataset `indices`, as uint8
+def rendered_batch_uint8(render_fn, labels_fn, seed, indices, split: str, image_size: int):
+    """Images `render_fn(fold_in(fold_in(key(seed), split), i), labels_fn(i))` of dataset `indices`, as uint8
     with their labels: the one batch maker of every synthetic dataset here (image i a pure function of seed,
     split and i)."""
     _check(split, image_size)
     indices = jnp.asarray(indices, jnp.int32)
     if indices.ndim != 1:
         raise ValueError(f"indices must be a 1-D array, got shape {indices.shape}")
-    return _rendered_uint8(render_fn, num_classes, seed, indices, SPLITS[split], image_size)
+    return _rendered_uint8(render_fn, labels_fn, seed, indices, SPLITS[split], image_size)
 
 
 def make_batch_uint8(seed: Union[int, Array], indices: Union[Sequence[int], Array], *, split: str = "train",
                      image_size: int = 64):
     """(images uint8 [B, S, S, 3], labels int32 [B]) for dataset `indices` of `split`; jittable inside a step."""
-    return rendered_batch_uint8(render, NUM_CLASSES, seed, indices, split, image_size)
+    return rendered_batch_uint8(render, labels_of, seed, indices, split, image_size)
 
 
 def make_batch(seed: Union[int, Array], indices: Union[Sequence[int], Array], *, split: str = "train",

@@ -153,7 +153,7 @@ def labels_of(indices: Array) -> Array:
 def make_batch_uint8(seed: Union[int, Array], indices: Union[Sequence[int], Array], *, split: str = "train",
                      image_size: int = 64):
     """(images uint8 [B, S, S, 3], labels int32 [B]) for dataset `indices` of `split`; jittable inside a step."""
-    return rendered_batch_uint8(render, NUM_CLASSES, seed, indices, split, image_size)
+    return rendered_batch_uint8(render, labels_of, seed, indices, split, image_size)
 
 
 def make_batch(seed: Union[int, Array], indices: Union[Sequence[int], Array], *, split: str = "train",
