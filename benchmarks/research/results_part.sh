@@ -18,7 +18,7 @@ set -o pipefail
 NAME=$1; shift
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
-T0=$(date +%s)
+T0=$(date +%s); MARK=$(mktemp)      # sets older than MARK were made by an earlier part on this workdir
 W=${WORKDIR:-/tmp/research/$NAME}; O=/tmp/research/out_$NAME; mkdir -p $W $O
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/research/jax_cache} JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 # SHARE_CALIB: the calibration seeds whose sets this part shares instead of sampling them (default 2025; empty:
@@ -36,7 +36,7 @@ timeout ${PART_TIMEOUT:-0} python -m experiments.ablate --checkpoint=research --
     --per_device_batch=250 --feature_batch=250 --diag_samples=0 --workdir=$W --out=$O/part_$NAME.md "${CALFLAG[@]}" \
     "$@" 2>&1 | grep --line-buffered -v "^W\|^I" | tee -a $O/$NAME.log
 for c in $W/*/ptq/state/calibration; do             # the sets this part made (runs of an extra seed end in _cSEED)
-    [ -d "$c" ] || continue
+    [ -d "$c" ] && ! [ "$MARK" -nt "$c" ] || continue
     run=$(basename $(dirname $(dirname $(dirname $c)))); seed=2025
     [[ $run =~ _c([0-9]+)$ ]] && seed=${BASH_REMATCH[1]}
     [[ ",${SHARE_CALIB-2025}," == *",$seed,"* ]] && continue
