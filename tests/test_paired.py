@@ -133,6 +133,42 @@ def test_comparisons_call_only_what_the_intervals_allow():
                for s in lines)
 
 
+def test_calibration_sets_are_compared_as_their_own_family():
+    """The same method on a second calibration set: brecq's second set recovers fewer images (a clear move), the
+    baseline's is the same model (no real set here: class accuracy and FD to FP); the family is Holm-adjusted apart
+    from the method comparisons."""
+    from varq_jax.runs import protocol
+    rows, values, p = _rows_and_values()
+    rng = np.random.default_rng(1)
+    n = 400
+    base = rng.random(n) < 0.6
+    feats = rng.normal(size=(n, 4))
+    sets = {"fp": {"correct": rng.random(n) < 0.9, "features": feats},
+            "w4a4_baseline": {"correct": base, "features": feats + 0.5},
+            "w4a4_brecq": {"correct": base | (rng.random(n) < 0.5), "features": feats + 0.2},
+            "w4a4_baseline_c2026": {"correct": base, "features": feats + 0.5},
+            "w4a4_brecq_c2026": {"correct": base, "features": feats + 0.5}}
+    rows = rows[:3] + [dict(r, name=r["name"] + "_c2026", calib_seed=2026) for r in rows[1:3]]
+    values = protocol.bootstrap(sets, None, "fp", p)
+    comps = protocol.calibration_comparisons(rows, values)
+    assert {(c["a"], c["b"]) for c in comps} == {("w4a4_baseline", "w4a4_baseline_c2026"),
+                                                 ("w4a4_brecq", "w4a4_brecq_c2026")}
+    assert len(comps) == 4 and all(c["calib_from"] == 2025 and c["calib_seed"] == 2026 for c in comps)
+    np.testing.assert_allclose([c["p_holm"] for c in comps], paired.holm([c["p"] for c in comps]))
+    by = {(c["b"], c["metric"]): c for c in comps}
+    assert by[("w4a4_brecq_c2026", "class_accuracy")]["high"] < 0                 # the second set lost accuracy
+    assert by[("w4a4_baseline_c2026", "class_accuracy")]["estimate"] == 0
+    lines = protocol.calibration_findings(rows, comps)
+    assert lines[0].startswith("Calibration sets: 4 comparisons") and "own family of 4" in lines[0]
+    assert any(s.startswith("W4A4 brecq, calibration seed 2025 → 2026: class accuracy -")
+               and s.endswith("the calibration sets give different models.") for s in lines)
+    assert any(s.startswith("W4A4 baseline, calibration seed 2025 → 2026: class accuracy +0 ")
+               and s.endswith("no measurable difference.") for s in lines)
+    main = protocol.comparisons(rows, values)                                     # not in the method family
+    assert all(c["what"] != "calibration set" for c in main)
+    assert protocol.calibration_comparisons(rows[:3], values) == []
+
+
 def test_protocol_refuses_bad_settings():
     from varq_jax.runs import protocol
     with pytest.raises(ValueError, match="differ from the seeds"):

@@ -401,7 +401,9 @@ def _conclude(result: dict, values: Mapping, protocol: Protocol) -> None:
     if result.get("zero_shot"):
         zero_shot_rows.set_intervals(result["zero_shot"]["rows"], values)
         result["zero_shot"]["comparisons"] = zero_shot_rows.comparisons(result["zero_shot"]["rows"], values)
+    result["calibration_comparisons"] = protocol_lib.calibration_comparisons(result["rows"], values) if values else []
     result["findings"] = (protocol_lib.findings(result["rows"], result["comparisons"], protocol)
+                          + protocol_lib.calibration_findings(result["rows"], result["calibration_comparisons"])
                           + diagnostic_findings(result["diagnostics"]))
 
 

@@ -145,6 +145,24 @@ def comparisons(rows: Sequence[dict], values: Mapping[str, Mapping[str, Tuple[fl
     return adjust(out)
 
 
+def calibration_comparisons(rows: Sequence[dict], values: Mapping[str, Mapping[str, Tuple[float, np.ndarray]]]
+                            ) -> List[dict]:
+    """The same method on other calibration sets (a preset's first calibration seed → each further one) on every
+    metric, Holm-adjusted as their own family: how far the calibration data alone moves a row, beside which the
+    method differences are read. Not method claims, so they do not enlarge the main family."""
+    out = []
+    q = [r for r in rows if r["preset"] != "fp" and r.get("calib_seed") is not None]
+    for preset, method in dict.fromkeys((r["preset"], r["method"]) for r in q):
+        same = [r for r in q if r["preset"] == preset and r["method"] == method]
+        for r in same[1:]:
+            for metric, _, lower in METRICS:
+                if metric in values.get(same[0]["name"], {}) and metric in values.get(r["name"], {}):
+                    c = compare("calibration set", preset, r["calib_seed"], same[0]["name"], r["name"], metric,
+                                lower, values)
+                    out.append(dict(c, calib_from=same[0]["calib_seed"]))
+    return adjust(out)
+
+
 def adjust(comps: List[dict]) -> List[dict]:
     """One family of comparisons: Holm-adjusted p-values over those with a p, and each one's verdict."""
     testable = [c for c in comps if c["p"] is not None]
@@ -166,12 +184,15 @@ def compare(what, preset, calib_seed, a, b, metric, lower, values) -> dict:
     return c
 
 
+NO_CALL = ("no interval (replicates = 0)", "no measurable difference")
+
+
 def verdict_of(c: dict) -> str:
     """better / worse only where the Holm-adjusted test and the interval both exclude 0."""
     if c["p_holm"] is None:
-        return "no interval (replicates = 0)"
+        return NO_CALL[0]
     if c["p_holm"] >= 1 - paired.LEVEL or not (c["low"] > 0 or c["high"] < 0):
-        return "no measurable difference"
+        return NO_CALL[1]
     return "better" if (c["estimate"] < 0) == c["lower_is_better"] else "worse"
 
 
@@ -187,11 +208,11 @@ def findings(rows: Sequence[dict], comps: Sequence[dict], protocol: Protocol) ->
     titles = {m: t for m, t, _ in METRICS}
     tested = [c for c in comps if c["p_holm"] is not None]
     if tested:
-        lines.append(f"{len(tested)} comparison{'s are' if len(tested) != 1 else ' is'} stated below (method pairs within a bit setting and "
-                     f"calibration seed on {', '.join(titles[m] for m, _, _ in METRICS)}, and each quantized row's "
-                     f"class accuracy against FP); p-values (each difference over its bootstrap standard error) are "
-                     f"Holm-adjusted over all {len(tested)}, intervals are 95 % paired bootstrap intervals ({protocol.replicates} replicates over "
-                     f"{protocol.num_images} images).")
+        lines.append(f"{len(tested)} comparison{'s are' if len(tested) != 1 else ' is'} stated below (method pairs "
+                     f"within a bit setting and calibration seed on {', '.join(titles[m] for m, _, _ in METRICS)}, "
+                     f"and each quantized row's class accuracy against FP); p-values (each difference over its "
+                     f"bootstrap standard error) are Holm-adjusted over all {len(tested)}, intervals are 95 % paired "
+                     f"bootstrap intervals ({protocol.replicates} replicates over {protocol.num_images} images).")
     by_name = {r["name"]: r for r in rows}
     noise = by_name.get(NOISE_ROW)
     if noise is not None and noise.get("intervals", {}).get("fd_fp"):
@@ -210,6 +231,30 @@ def findings(rows: Sequence[dict], comps: Sequence[dict], protocol: Protocol) ->
                          f"{titles[c['metric']]} {_fmt(c['estimate'])} [{_fmt(c['low'])}, {_fmt(c['high'])}] "
                          f"(Holm p {_p(c)}): {c['verdict']}.")
     lines += _consistency(comps, by_name)
+    return lines
+
+
+def calibration_findings(rows: Sequence[dict], comps: Sequence[dict]) -> List[str]:
+    """The calibration-set family in words, with the largest spread per metric (tested or not)."""
+    tested = [c for c in comps if c["p_holm"] is not None]
+    if not comps:
+        return []
+    titles = {m: t for m, t, _ in METRICS}
+    by_name = {r["name"]: r for r in rows}
+    widest = {m: max((c for c in comps if c["metric"] == m), key=lambda c: abs(c["estimate"]), default=None)
+              for m, _, _ in METRICS}
+    spread = "; ".join(f"{titles[m]} {_fmt(c['estimate'])} ({by_name[c['b']]['method']})"
+                       for m, c in widest.items() if c is not None)
+    lines = [f"Calibration sets: {len(comps)} comparisons of the same method on another calibration set (a preset's "
+             f"first calibration seed → each further one), Holm-adjusted as their own family of {len(tested)}; the "
+             f"largest moves: {spread}. A method difference smaller than these is within what the calibration data "
+             f"alone does."]
+    for c in comps:
+        r = by_name[c["b"]]
+        verdict = c["verdict"] if c["verdict"] in NO_CALL else "the calibration sets give different models"
+        lines.append(f"{_bits(r)} {r['method']}, calibration seed {c['calib_from']} → {c['calib_seed']}: "
+                     f"{titles[c['metric']]} {_fmt(c['estimate'])} [{_fmt(c['low'])}, {_fmt(c['high'])}] "
+                     f"(Holm p {_p(c)}): {verdict}.")
     return lines
 
 
