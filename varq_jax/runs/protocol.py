@@ -5,7 +5,8 @@ label i mod classes — so rows are paired image by image; the FP model is sampl
 floor: how far apart two FP sets are). Each quantization method runs on the calibration set of its calibration
 seed, made once in float32 at HIGHEST precision and shared by every row of that seed (its fingerprint in each row);
 at low bits (`extra_calib`) methods run on further calibration seeds, so a method difference is seen on more than
-one calibration set. Intervals are paired bootstrap intervals over image indices (`varq_jax.eval.paired`): the
+one calibration set, and the same method on two sets is compared too (its own Holm family: what the calibration
+data alone moves). Intervals are paired bootstrap intervals over image indices (`varq_jax.eval.paired`): the
 same replicate indices for every row, Fréchet distances recomputed per replicate, the bootstrap's own bias
 removed. A finding calls a difference only where its interval excludes zero after Holm's adjustment over every
 comparison the table states.
@@ -243,12 +244,12 @@ def calibration_findings(rows: Sequence[dict], comps: Sequence[dict]) -> List[st
     by_name = {r["name"]: r for r in rows}
     widest = {m: max((c for c in comps if c["metric"] == m), key=lambda c: abs(c["estimate"]), default=None)
               for m, _, _ in METRICS}
-    spread = "; ".join(f"{titles[m]} {_fmt(c['estimate'])} ({by_name[c['b']]['method']})"
+    spread = "; ".join(f"{titles[m]} {_fmt(c['estimate'])} ({_bits(by_name[c['b']])} {by_name[c['b']]['method']})"
                        for m, c in widest.items() if c is not None)
     lines = [f"Calibration sets: {len(comps)} comparisons of the same method on another calibration set (a preset's "
              f"first calibration seed → each further one), Holm-adjusted as their own family of {len(tested)}; the "
-             f"largest moves: {spread}. A method difference smaller than these is within what the calibration data "
-             f"alone does."]
+             f"largest moves (before the adjustment): {spread}. A method difference of this size can come from the "
+             f"calibration data alone."]
     for c in comps:
         r = by_name[c["b"]]
         verdict = c["verdict"] if c["verdict"] in NO_CALL else "the calibration sets give different models"
