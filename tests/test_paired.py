@@ -78,6 +78,21 @@ def test_the_interval_of_an_fd_is_its_spread_around_the_estimate():
     assert d.estimate == estimate and d.low < estimate < d.high
 
 
+def test_an_accuracy_interval_stays_within_0_and_1():
+    """Centring the replicates on the estimate can push a percentile past the metric's range (a tiny set at
+    accuracy 0.75 gave [0.41, 1.0025]); a row's interval is clipped to it, a distance's only from below."""
+    from varq_jax.runs import protocol
+    rng = np.random.default_rng(8)
+    correct = rng.random(8) < 0.75
+    reps = np.array([correct[i].mean() for i in paired.replicate_indices(8, 400, seed=9)])
+    estimate = 0.99                                                  # an estimate near the top of the range
+    raw = paired.interval_of(estimate, reps)
+    assert raw.high > 1                                              # what centring alone gives
+    iv = protocol.row_intervals({"class_accuracy": (estimate, reps), "fd_real": (0.0, reps - reps.mean())})
+    assert iv["class_accuracy"]["high"] == 1.0 and iv["class_accuracy"]["low"] == pytest.approx(raw.low)
+    assert iv["fd_real"]["low"] == 0.0 and iv["fd_real"]["high"] > 0
+
+
 def test_holm_adjusts_as_the_step_down_procedure():
     assert paired.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert paired.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])

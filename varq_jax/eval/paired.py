@@ -64,10 +64,12 @@ def _centred(estimate: float, values: np.ndarray) -> np.ndarray:
     return values + (estimate - values.mean()) if len(values) else values
 
 
-def _bounds(values: np.ndarray, level: float, floor: Optional[float] = None):
+def _bounds(values: np.ndarray, level: float, floor: Optional[float] = None, ceiling: Optional[float] = None):
     lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
     if floor is not None:                          # a distance is ≥ 0
         lo, hi = max(lo, floor), max(hi, floor)
+    if ceiling is not None:                        # an accuracy is ≤ 1 (centring can push a percentile past it)
+        lo, hi = min(lo, ceiling), min(hi, ceiling)
     return float(lo), float(hi)
 
 
@@ -151,9 +153,10 @@ def verdict(name: str, d: Interval, lower_is_better: bool, adjusted_p: Optional[
 
 
 # --- many sets at once: per-replicate values, shared by every comparison ------------------------------------------
-def interval_of(estimate: float, values: np.ndarray, level: float = LEVEL, floor: Optional[float] = None) -> Interval:
-    """A point estimate with the interval of its bootstrap values (`floor`: the metric's least value)."""
-    return Interval(float(estimate), *_bounds(_centred(float(estimate), values), level, floor))
+def interval_of(estimate: float, values: np.ndarray, level: float = LEVEL, floor: Optional[float] = None,
+                ceiling: Optional[float] = None) -> Interval:
+    """A point estimate with the interval of its bootstrap values (`floor`, `ceiling`: the metric's range)."""
+    return Interval(float(estimate), *_bounds(_centred(float(estimate), values), level, floor, ceiling))
 
 
 def difference_of(estimate_a: float, values_a: np.ndarray, estimate_b: float, values_b: np.ndarray,

@@ -30,6 +30,7 @@ COMPARISONS = (("reconstruction", "baseline", "brecq"),
 METRICS = (("class_accuracy", "class accuracy", False), ("fd_real", "FD to real", True),
            ("fd_fp", "FD to FP", True))
 NOISE_ROW = "fp_other_seeds"
+RANGES = {"class_accuracy": (0.0, 1.0), "ssim_kept": (None, 1.0)}   # (floor, ceiling) of a row's interval; FDs ≥ 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +119,8 @@ def row_intervals(values: Mapping[str, Tuple[float, np.ndarray]]) -> Dict[str, d
     out = {}
     for metric, (estimate, reps) in values.items():
         if len(reps):
-            i = paired.interval_of(estimate, reps, floor=0.0 if metric.startswith("fd") else None)
+            floor, ceiling = RANGES.get(metric, (0.0 if metric.startswith("fd") else None, None))
+            i = paired.interval_of(estimate, reps, floor=floor, ceiling=ceiling)
             out[metric] = {"estimate": i.estimate, "low": i.low, "high": i.high}
     return out
 
