@@ -10,8 +10,11 @@
 # a persistent JAX compilation cache (a reconstruction row after the first skips most of its ~125 s compilation).
 # PART_TIMEOUT=S stops the ablation after S seconds and still bundles what it wrote; the same command again on the
 # same warm machine (same NAME, so the same workdir) resumes it: finished runs and evaluations are skipped and a
-# reconstruction continues from its last finished unit. Run parts one at a time: a part run beside three others on
-# one GPU (session 18) sampled an FP set that differs from every sequential part's, so it did not merge.
+# reconstruction continues from its last finished unit. With too little device time left to finish a part, the
+# same command with only its finished runs (--methods=... or --runs=...) skips them all and writes their table in
+# about 40 s (session 19), so that they are not lost with the machine. Run parts one at a time: a part run beside
+# three others on one GPU (session 18) sampled an FP set that differs from every sequential part's, so it did not
+# merge.
 # A part of seed-2026 runs only (e.g. --extra_calib=w4a4:2026 --runs=w4a4_baseline_c2026) sets SHARE_CALIB=2026
 # once that set exists, else SHARE_CALIB= (it samples the set, and leaves it for the next parts on this machine).
 # XLA's per-fusion autotune results are kept in /tmp/research/autotune (started from .research/autotune.tgz when
