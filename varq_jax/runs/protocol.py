@@ -227,21 +227,20 @@ def findings(rows: Sequence[dict], comps: Sequence[dict], protocol: Protocol) ->
         bits = _bits(by_name[c["b"]])
         seed = "" if c["calib_seed"] is None else f", calib seed {c['calib_seed']}"
         if c["what"] == "against FP":
-            lines.append(f"{bits} {by_name[c['b']]['method']}{seed}: class accuracy against FP {_fmt(c['estimate'])} "
-                         f"[{_fmt(c['low'])}, {_fmt(c['high'])}] (Holm p {_p(c)}): {c['verdict']}.")
+            lines.append(f"{bits} {by_name[c['b']]['method']}{seed}: {_stated(c, 'class accuracy against FP')}: "
+                         f"{c['verdict']}.")
         else:
             lines.append(f"{bits}{seed}, {c['what']} ({by_name[c['a']]['method']} → {by_name[c['b']]['method']}): "
-                         f"{titles[c['metric']]} {_fmt(c['estimate'])} [{_fmt(c['low'])}, {_fmt(c['high'])}] "
-                         f"(Holm p {_p(c)}): {c['verdict']}.")
+                         f"{_stated(c, titles[c['metric']])}: {c['verdict']}.")
     lines += _consistency(comps, by_name)
     return lines
 
 
 def calibration_findings(rows: Sequence[dict], comps: Sequence[dict]) -> List[str]:
     """The calibration-set family in words, with the largest spread per metric (tested or not)."""
-    tested = [c for c in comps if c["p_holm"] is not None]
     if not comps:
         return []
+    tested = [c for c in comps if c["p_holm"] is not None]
     titles = {m: t for m, t, _ in METRICS}
     by_name = {r["name"]: r for r in rows}
     widest = {m: max((c for c in comps if c["metric"] == m), key=lambda c: abs(c["estimate"]), default=None)
@@ -256,9 +255,13 @@ def calibration_findings(rows: Sequence[dict], comps: Sequence[dict]) -> List[st
         r = by_name[c["b"]]
         verdict = c["verdict"] if c["verdict"] in NO_CALL else "the calibration sets give different models"
         lines.append(f"{_bits(r)} {r['method']}, calibration seed {c['calib_from']} → {c['calib_seed']}: "
-                     f"{titles[c['metric']]} {_fmt(c['estimate'])} [{_fmt(c['low'])}, {_fmt(c['high'])}] "
-                     f"(Holm p {_p(c)}): {verdict}.")
+                     f"{_stated(c, titles[c['metric']])}: {verdict}.")
     return lines
+
+
+def _stated(c: dict, title: str) -> str:
+    """'title +d [low, high] (Holm p …)': one stated difference."""
+    return f"{title} {_fmt(c['estimate'])} [{_fmt(c['low'])}, {_fmt(c['high'])}] (Holm p {_p(c)})"
 
 
 def _p(c) -> str:
