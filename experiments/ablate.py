@@ -12,11 +12,13 @@ Without --checkpoint the embedded default model is used. --config.<field>=value 
 (`varq_jax.runs.protocol`): every row on the same keys over --seeds, the FP model again over --noise_seeds (the
 noise floor), --replicates paired bootstrap replicates, one calibration set per --calib_seeds (+ --extra_calib)
 made in --calib_dtype and shared by the rows of that seed. Runs whose outputs exist in --workdir are skipped;
-stopped ones resume.
+stopped ones resume. SIGTERM (e.g. `timeout -k 90 S`) stops the invocation at the run it arrives in and writes the
+table of the runs finished before it (exit status 143), so that the end of a device lease does not lose them.
 The metrics are the in-project classifier's (class accuracy, Fréchet distances of its features), not FID.
 """
 import os
 import shlex
+import signal
 import sys
 
 from absl import flags
@@ -74,7 +76,7 @@ def main(argv):
     del argv
     cli.quiet_logs()
     from varq_jax.eval.evaluate import EvalConfig
-    from varq_jax.runs import ablation, results_table
+    from varq_jax.runs import ablation, results_table, stopping
     e = FLAGS.eval
     config = EvalConfig(num_images=e.num_images, num_per_class=e.num_per_class, seed=e.seed, cfg=e.cfg,
                         top_k=e.top_k, top_p=e.top_p, num_real=e.num_real, dtype=FLAGS.dtype,
@@ -87,11 +89,19 @@ def main(argv):
         if e.num_images <= 0:
             raise ValueError(f"eval.num_images (images per seed) must be positive, got {e.num_images}")
         plan = cli.ablation_plan(FLAGS.presets, FLAGS.methods, cli.parse_override_args(_OVERRIDES))
-        result = ablation.run_ablation(plan, config, FLAGS.workdir, FLAGS.out, checkpoint=FLAGS.checkpoint,
-                                       diag_samples=FLAGS.diag_samples, command=command, protocol=_protocol(e),
-                                       zero_shot=FLAGS.zero_shot, calibration=FLAGS.calibration,
-                                       only=FLAGS.runs)
+        try:
+            result = ablation.run_ablation(plan, config, FLAGS.workdir, FLAGS.out, checkpoint=FLAGS.checkpoint,
+                                           diag_samples=FLAGS.diag_samples, command=command, protocol=_protocol(e),
+                                           zero_shot=FLAGS.zero_shot, calibration=FLAGS.calibration,
+                                           only=FLAGS.runs, stop_on=(signal.SIGTERM,))
+        except stopping.Stopped as stop:
+            print(f"error: stopped by {stop}", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
     print("\n".join(results_table.table(result["rows"])))
+    if result.get("stopped"):
+        print(f"stopped by {result['stopped']}: the table holds the runs finished before it; not run: "
+              f"{', '.join(result['not_run']) or 'none'} (the same command again resumes them)", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 def _protocol(e):

@@ -8,6 +8,7 @@ diagnostic is checked on the shipped model against an independent NumPy computat
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ from varq_jax import cli
 from varq_jax.quant import calibration, diagnostics, pipeline
 from varq_jax.eval import evaluate as ev
 from varq_jax.eval import metrics, paired
-from varq_jax.runs import ablation, results_table
+from varq_jax.runs import ablation, results_table, stopping
 from varq_jax.runs import protocol as protocol_lib
 from varq_jax.runs.protocol import NOISE_ROW, Protocol
 from varq_jax.quant.policy import QuantPolicy
@@ -466,6 +467,19 @@ def test_zero_shot_rows_on_the_same_inputs_with_intervals(ablation_run):
                             method_order=cli.METHODS)
     assert joined["rows"] == main["rows"] and joined["zero_shot"]["rows"] == zs["rows"]
     assert sum("quantized it again for its zero-shot rows" in n for n in joined["eval_notes"]) == 2
+    parts, part_values = [], []                  # one zero-shot row per part, FP sampled again in the second
+    for drop in ("w4a6_brecq", "w4a6_baseline"):
+        p = json.load(open(root / "ZS.json"))
+        p["rows"] = [r for r in p["rows"] if r["name"] != drop]
+        p["zero_shot"]["rows"] = [r for r in p["zero_shot"]["rows"] if r["name"] != drop]
+        parts.append(p)
+        part_values.append({k: v for k, v in values.items() if not k.endswith(drop)})
+    for r in parts[1]["zero_shot"]["rows"]:
+        if r["name"] == "fp":
+            r["psnr_kept"] += 0.5
+    two = ablation.merge(parts, values=part_values, method_order=cli.METHODS)
+    assert two["zero_shot"]["rows"] == zs["rows"]            # the first part's FP rows
+    assert any("differ by at most 0.5 in kept PSNR (dB)" in n for n in two["zero_shot"]["notes"])
 
 
 def test_a_calibration_set_of_an_earlier_invocation_is_checked_before_any_work(ablation_run):
@@ -519,3 +533,31 @@ def test_a_part_of_the_table_runs_only_the_named_runs(ablation_run):
     with pytest.raises(ValueError, match="'w4a6_full' is not a run of this table"):
         _ablate(root, out="R6.md", only=["w4a6_full"])
     assert not (root / "R6.md").exists()
+
+
+def test_a_stop_signal_writes_the_finished_runs(ablation_run):
+    """`timeout`'s SIGTERM at the end of a device lease: the table of the runs finished before it is written (a
+    second signal while writing is ignored), the rest listed as not run, and the part merges with the rest."""
+    root, result, _ = ablation_run
+    before = signal.getsignal(signal.SIGTERM)
+
+    def stop(at):
+        def log(line):
+            if line.startswith(at):
+                os.kill(os.getpid(), signal.SIGTERM)
+        return log
+
+    part = _ablate(root, out="R8.md", log=stop(("=== 2/2", "[bootstrap]")), stop_on=(signal.SIGTERM,))
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert [r["name"] for r in part["rows"]] == ["fp", NOISE_ROW, "w4a6_baseline"]
+    assert part["rows"] == [r for r in result["rows"] if r["name"] != "w4a6_brecq"]
+    saved = json.load(open(root / "R8.json"))
+    assert saved["stopped"] == "SIGTERM" and saved["not_run"] == ["w4a6_brecq"]
+    assert "**Stopped by SIGTERM**" in (root / "R8.md").read_text()
+    (brecq, _), (brecq_values, _) = _split(result)
+    merged = ablation.merge([saved, brecq], values=[part["_values"], brecq_values], method_order=cli.METHODS)
+    assert merged["rows"] == result["rows"] and merged["comparisons"] == result["comparisons"]
+    assert merged["parts"][0]["stopped"] == "SIGTERM"
+    with pytest.raises(stopping.Stopped, match="during the FP rows"):
+        _ablate(root, out="R9.md", log=stop("[fp] evaluation"), stop_on=(signal.SIGTERM,))
+    assert not (root / "R9.md").exists() and signal.getsignal(signal.SIGTERM) is before

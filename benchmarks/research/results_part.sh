@@ -8,30 +8,21 @@
 #   results_part.sh NAME [ablate flags], e.g. results_part.sh w4a4_recon --presets=w4a4 --methods=brecq,full
 # Parts that share a workdir (WORKDIR=... in the environment) skip the FP evaluations they find there, and share
 # a persistent JAX compilation cache (a reconstruction row after the first skips most of its ~125 s compilation).
-# PART_TIMEOUT=S stops the ablation after S seconds and still bundles what it wrote; the same command again on the
-# same warm machine (same NAME, so the same workdir) resumes it: finished runs and evaluations are skipped and a
-# reconstruction continues from its last finished unit. With too little device time left to finish a part, the
-# same command with only its finished runs (--methods=... or --runs=...) skips them all and writes their table in
-# about 40 s (session 19), so that they are not lost with the machine. Run parts one at a time: a part run beside
-# three others on one GPU (session 18) sampled an FP set that differs from every sequential part's, so it did not
-# merge.
+# PART_TIMEOUT=S sends the ablation SIGTERM after S seconds: it writes the table of the runs it finished (the rows
+# come back), lists the rest as not run, and exits; GRACE (default 60) seconds later it is killed if still writing
+# (a signal waits for a compilation in progress to end). The same command again on the same warm machine (same
+# NAME, so the same workdir) resumes it: finished runs and evaluations are skipped and a reconstruction continues
+# from its last finished unit. Keep PART_TIMEOUT + GRACE under the device's limit per command. Run parts one at a
+# time: a part run beside three others on one GPU (session 18) sampled an FP set that differs from every
+# sequential part's, so it did not merge.
 # A part of seed-2026 runs only (e.g. --extra_calib=w4a4:2026 --runs=w4a4_baseline_c2026) sets SHARE_CALIB=2026
 # once that set exists, else SHARE_CALIB= (it samples the set, and leaves it for the next parts on this machine).
-# XLA's per-fusion autotune results are kept in /tmp/research/autotune (started from .research/autotune.tgz when
-# carried) and come back as autotune.tgz: parts of later leases that carry it pick the same GPU kernels instead of
-# timing candidates anew, the suspected reason why two leases' FP sets differ by a few images (sessions 18-19; not
-# yet verified). AUTOTUNE_CACHE=0 turns this off.
 set -o pipefail
 NAME=$1; shift
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 T0=$(date +%s); MARK=$(mktemp)      # sets older than MARK were made by an earlier part on this workdir
 W=${WORKDIR:-/tmp/research/$NAME}; O=/tmp/research/out_$NAME; mkdir -p $W $O
-AT=/tmp/research/autotune
-if [ "${AUTOTUNE_CACHE:-1}" != 0 ]; then
-    mkdir -p $AT; [ -f .research/autotune.tgz ] && [ -z "$(ls -A $AT)" ] && tar -C $AT -xzf .research/autotune.tgz
-    export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_per_fusion_autotune_cache_dir=$AT"
-fi
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/research/jax_cache} JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 # SHARE_CALIB: the calibration seeds whose sets this part shares instead of sampling them (default 2025; empty:
 # none), each from .research/calib_SEED.tgz or /tmp/research/calib_SEED.tgz (left by a part on this machine that
@@ -44,7 +35,7 @@ for s in $(echo "${SHARE_CALIB-2025}" | tr , ' '); do
     done
 done
 CALFLAG=(); [ ${#CAL[@]} -gt 0 ] && CALFLAG=(--calibration=$(IFS=,; echo "${CAL[*]}"))
-timeout ${PART_TIMEOUT:-0} python -m experiments.ablate --checkpoint=research --eval.top_p=0.5 --extra_calib= \
+timeout -k ${GRACE:-60} ${PART_TIMEOUT:-0} python -m experiments.ablate --checkpoint=research --eval.top_p=0.5 --extra_calib= \
     --per_device_batch=250 --feature_batch=250 --diag_samples=0 --workdir=$W --out=$O/part_$NAME.md "${CALFLAG[@]}" \
     "$@" 2>&1 | grep --line-buffered -v "^W\|^I" | tee -a $O/$NAME.log
 for c in $W/*/ptq/state/calibration; do             # the sets this part made (runs of an extra seed end in _cSEED)
@@ -55,7 +46,5 @@ for c in $W/*/ptq/state/calibration; do             # the sets this part made (r
     tar -C $(dirname $c) -czf $O/calib_${run}.tgz calibration
     [ -f /tmp/research/calib_$seed.tgz ] || cp $O/calib_${run}.tgz /tmp/research/calib_$seed.tgz
 done
-[ -d $AT ] && [ -n "$(ls -A $AT)" ] && tar -C $AT -czf $O/autotune.tgz . && echo "autotune results: $(ls $AT | wc -l)" \
-    "files, $(du -sk $O/autotune.tgz | cut -f1) KiB packed" | tee -a $O/$NAME.log
 echo "total $(( $(date +%s) - T0 )) s" | tee -a $O/$NAME.log
 [ -n "$OUT" ] && tar -C $O -czf $OUT/$NAME.tgz .

@@ -29,7 +29,7 @@ from varq_jax.quant import calibration, diagnostics, pipeline, state, theta as t
 from varq_jax.checkpoint import read_state
 from varq_jax.runs import ptq as ptq_run, quantize as quantize_run
 from varq_jax.runs import protocol as protocol_lib
-from varq_jax.runs import zero_shot_rows
+from varq_jax.runs import stopping, zero_shot_rows
 from varq_jax.runs.protocol import NOISE_ROW, Protocol
 from varq_jax.runs.results_table import diagnostic_findings, write
 
@@ -282,13 +282,15 @@ def _given_calibration(paths: Sequence[str], ck, runs: Sequence[Run], protocol: 
 def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str, *,
                  checkpoint: Optional[str] = None, diag_samples: int = 8, command: str = "",
                  protocol: Protocol = Protocol(), zero_shot: Sequence[str] = (), calibration: Sequence[str] = (),
-                 only: Sequence[str] = (), log: Callable = print) -> dict:
+                 only: Sequence[str] = (), stop_on: Sequence[int] = (), log: Callable = print) -> dict:
     """The FP model and every run of `plan` under `protocol`: PTQ on shared calibration sets, evaluation over the
     protocol's seeds, bootstrap intervals, diagnostics; the zero-shot tasks for FP and the runs named in
     `zero_shot` (`runs.zero_shot_rows`); writes `out` (markdown), its .json twin and the bootstrap values
     (.replicates.npz). `calibration`: calibration sets of earlier invocations (e.g. another part of the table, run
     on another machine), shared by the runs of their seeds instead of sampling them again. `only`: run just these
-    runs of the table (e.g. one row on a second calibration seed), a part for `merge`. Returns what the JSON
+    runs of the table (e.g. one row on a second calibration seed), a part for `merge`. `stop_on`: signals (e.g.
+    SIGTERM; main thread only) after which the table of the runs finished so far is written, the others listed as
+    not run (the same call again resumes); one during the FP rows raises `stopping.Stopped`. Returns what the JSON
     holds."""
     if eval_config.ref_samples:
         raise ValueError("the ablation sets ref_samples itself (the FP model's samples); leave it empty")
@@ -321,72 +323,104 @@ def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str,
     zs_config = dataclasses.replace(eval_config, seed=protocol.seeds[0], num_images=0)
     zs_inputs = (zero_shot_rows.make_inputs(res.classifier.info["dataset"], protocol.zero_shot_images, ck, zs_config)
                  if zero_shot else None)
-    vocab = ck.var_cfg.vocab_size
     mesh = parallel.make_mesh(eval_config.model_parallel)
     started = time.perf_counter()
 
+    with stopping.ignoring(stop_on):             # from the first stop signal on: write what finished
+        done = _run_rows(runs, checkpoint, ck, workdir, eval_config, res, protocol, zero_shot, zs_inputs, zs_config,
+                         given, mesh, stop_on, log)
+        rows, sets, reports, values, stopped = (done[k] for k in ("rows", "sets", "reports", "values", "stopped"))
+        finished = [r for r in runs if r.name in reports]
+        if res.classifier is not None:
+            log(f"[bootstrap] {protocol.replicates} paired replicates over {protocol.num_images} images ...")
+            pooled = {name: protocol_lib.pooled(p) for name, p in sets.items()}
+            protocol_lib.check_paired(pooled, {name: np.concatenate([x["labels"] for x in p])
+                                               for name, p in sets.items()})
+            values.update(protocol_lib.bootstrap(pooled, _real_features(res, eval_config, protocol,
+                                                                        ck.vae_cfg.image_size, mesh), "fp", protocol))
+            for row in rows:
+                _set_estimates(row, values.get(row["name"], {}))
+        result = _result(ck, checkpoint, plan, eval_config, protocol, res, rows, done["eval_notes"], command,
+                         started, run_diagnostics(ck, finished, reports, workdir, diag_samples, log))
+        if done["zero_shot"] is not None:
+            result["zero_shot"] = done["zero_shot"]
+        if stopped:
+            result["stopped"] = stopped
+            result["not_run"] = [r.name for r in runs if r.name not in reports]
+            result["zero_shot_not_run"] = list(dict.fromkeys(zero_shot))
+        _conclude(result, values, protocol)
+        write(out, result)
+        log(f"wrote {out} and {os.path.splitext(out)[0]}.json" + (f" (stopped by {stopped}: the runs finished "
+                                                                   f"before it)" if stopped else ""))
+    return result
+
+
+def _run_rows(runs, checkpoint, ck, workdir, eval_config, res, protocol, zero_shot, zs_inputs, zs_config, given,
+              mesh, stop_on, log):
+    """The FP rows, then PTQ and evaluation of each run, then the zero-shot rows: {rows, sets (per-row images),
+    reports (of the finished runs), zero_shot (the section, or None), values (its bootstrap values), eval_notes,
+    stopped (the stop signal's name, or None)}. A stop signal ends the runs at the one it arrives in (that one,
+    the rest and the zero-shot rows are left out)."""
+    vocab = ck.var_cfg.vocab_size
     fp_dir = os.path.join(workdir, "fp")
-    log("[fp] evaluation ...")
-    fp_images, fp_results, fp_s = _evaluate_seeds(checkpoint, fp_dir, eval_config, res, protocol, protocol.seeds,
-                                                  vocab, mesh, log, model=ck)
-    fp_bops = pipeline.bops_report(ck.var_cfg, None)["fp16"]
-    rows = [_row("fp", "fp", "–", fp_results, fp_s, None, bops=fp_bops)]
-    sets = {"fp": fp_images}
-    if protocol.noise_seeds:
-        noise_images, noise_results, noise_s = _evaluate_seeds(checkpoint, fp_dir, eval_config, res, protocol,
-                                                               protocol.noise_seeds, vocab, mesh, log, model=ck)
-        rows.append(_row(NOISE_ROW, "fp", "other seeds", noise_results, noise_s, None, bops=fp_bops))
-        sets[NOISE_ROW] = noise_images
     fp_dirs = [os.path.join(fp_dir, f"eval_s{s}") for s in protocol.seeds]
-    reports, shared = {}, dict(given)
-    for i, r in enumerate(runs):
-        log(f"=== {i + 1}/{len(runs)}: {r.name} (calibration seed {r.calib_seed}) ===")
-        run_dir = os.path.join(workdir, r.name)
-        reports[r.name] = _ptq(r, checkpoint, run_dir, log, calibration=shared.get(r.calib_seed))
-        shared.setdefault(r.calib_seed, os.path.join(run_dir, "ptq"))
-        images, results, eval_s = _evaluate_seeds(os.path.join(run_dir, "ptq", "model"), run_dir, eval_config, res,
-                                                  protocol, protocol.seeds, vocab, mesh, log, ref_dirs=fp_dirs)
-        rows.append(_row(r.name, r.preset, r.method, results, eval_s, reports[r.name], r.config.w_bits,
-                         r.config.a_bits, calib_seed=r.calib_seed))
-        sets[r.name] = images
-    values = {}
-    if res.classifier is not None:
-        log(f"[bootstrap] {protocol.replicates} paired replicates over {protocol.num_images} images ...")
-        pooled = {name: protocol_lib.pooled(p) for name, p in sets.items()}
-        protocol_lib.check_paired(pooled, {name: np.concatenate([x["labels"] for x in p]) for name, p in sets.items()})
-        values = protocol_lib.bootstrap(pooled, _real_features(res, eval_config, protocol, ck.vae_cfg.image_size,
-                                                               mesh), "fp", protocol)
-        for row in rows:
-            _set_estimates(row, values.get(row["name"], {}))
-    zs = None
-    if zero_shot:
-        chosen = [(next(r for r in rows if r["name"] == name), os.path.join(workdir, name),
-                   os.path.join(workdir, name, "ptq", "model")) for name in dict.fromkeys(zero_shot)]
-        zs_rows, zs_values = zero_shot_rows.run_rows(ck, fp_dir, chosen, zs_inputs, zs_config, res, mesh, protocol,
-                                                     log)
-        values = {**values, **zs_values}
-        zs = {"rows": zs_rows, "num_inputs": protocol.zero_shot_images, "box": list(zs_config.box),
-              "seed": zs_config.seed, "tasks": list(zs_config.tasks)}
-    diag = run_diagnostics(ck, runs, reports, workdir, diag_samples, log)
-    result = {
+    rows, sets, reports, zs, values, notes = [], {}, {}, None, {}, []
+    try:
+        with stopping.raising(stop_on):
+            log("[fp] evaluation ...")
+            fp_images, fp_results, fp_s = _evaluate_seeds(checkpoint, fp_dir, eval_config, res, protocol,
+                                                          protocol.seeds, vocab, mesh, log, model=ck)
+            fp_bops = pipeline.bops_report(ck.var_cfg, None)["fp16"]
+            rows.append(_row("fp", "fp", "–", fp_results, fp_s, None, bops=fp_bops))
+            notes = fp_results[0].get("notes", [])
+            sets["fp"] = fp_images
+            if protocol.noise_seeds:
+                noise_images, noise_results, noise_s = _evaluate_seeds(checkpoint, fp_dir, eval_config, res, protocol,
+                                                                       protocol.noise_seeds, vocab, mesh, log,
+                                                                       model=ck)
+                rows.append(_row(NOISE_ROW, "fp", "other seeds", noise_results, noise_s, None, bops=fp_bops))
+                sets[NOISE_ROW] = noise_images
+            shared = dict(given)
+            for i, r in enumerate(runs):
+                log(f"=== {i + 1}/{len(runs)}: {r.name} (calibration seed {r.calib_seed}) ===")
+                run_dir = os.path.join(workdir, r.name)
+                report = _ptq(r, checkpoint, run_dir, log, calibration=shared.get(r.calib_seed))
+                shared.setdefault(r.calib_seed, os.path.join(run_dir, "ptq"))
+                images, results, eval_s = _evaluate_seeds(os.path.join(run_dir, "ptq", "model"), run_dir,
+                                                          eval_config, res, protocol, protocol.seeds, vocab, mesh,
+                                                          log, ref_dirs=fp_dirs)
+                rows.append(_row(r.name, r.preset, r.method, results, eval_s, report, r.config.w_bits,
+                                 r.config.a_bits, calib_seed=r.calib_seed))
+                sets[r.name], reports[r.name] = images, report
+            if zero_shot:
+                chosen = [(next(r for r in rows if r["name"] == name), os.path.join(workdir, name),
+                           os.path.join(workdir, name, "ptq", "model")) for name in dict.fromkeys(zero_shot)]
+                zs_rows, zs_values = zero_shot_rows.run_rows(ck, fp_dir, chosen, zs_inputs, zs_config, res, mesh,
+                                                             protocol, log)
+                values.update(zs_values)
+                zs = {"rows": zs_rows, "num_inputs": protocol.zero_shot_images, "box": list(zs_config.box),
+                      "seed": zs_config.seed, "tasks": list(zs_config.tasks)}
+    except stopping.Stopped as e:
+        if (NOISE_ROW if protocol.noise_seeds else "fp") not in {r["name"] for r in rows}:
+            raise stopping.Stopped(f"{e} during the FP rows: nothing to write") from None
+        log(f"[stopped] {e}: writing the table of the runs finished before it")
+        return dict(rows=rows, sets=sets, reports=reports, zero_shot=None, values={}, eval_notes=notes,
+                    stopped=str(e))
+    return dict(rows=rows, sets=sets, reports=reports, zero_shot=zs, values=values, eval_notes=notes, stopped=None)
+
+
+def _result(ck, checkpoint, plan, eval_config, protocol, res, rows, notes, command, started, diag) -> dict:
+    return {
         "model": default_model.describe(ck), "checkpoint": checkpoint or "default (embedded)",
         "random_weights": bool(ck.meta.get("random_weights", False)),
         "num_images": protocol.num_images, "protocol": protocol.to_dict(),
         "eval": {k: v for k, v in dataclasses.asdict(eval_config).items()
                  if k in ("cfg", "top_k", "top_p", "dtype", "num_real", "execution")},
         "classifier": ({"path": res.classifier.source, **res.classifier.info} if res.classifier else None),
-        "eval_notes": fp_results[0].get("notes", []), "presets": list(plan.presets), "methods": list(plan.methods),
+        "eval_notes": notes, "presets": list(plan.presets), "methods": list(plan.methods),
         "overrides": {k: str(v) for k, v in dict(plan.overrides).items()}, "command": command, **environment(),
         "rows": rows, "diagnostics": diag, "wall_s": round(time.perf_counter() - started, 1),
     }
-    if zs is not None:
-        result["zero_shot"] = zs
-    _conclude(result, values, protocol)
-    write(out, result)
-    log(f"wrote {out} and {os.path.splitext(out)[0]}.json")
-    return result
-
-
 def _set_estimates(row: dict, values: Mapping) -> None:
     """The row's metrics on the pooled images with their intervals (replacing the per-seed evaluations' own)."""
     for metric in ("class_accuracy", "fd_real", "fd_fp"):
@@ -409,7 +443,7 @@ def _conclude(result: dict, values: Mapping, protocol: Protocol) -> None:
 
 # --- tables made in parts ---------------------------------------------------------------------------------------
 SHARED = ("model", "checkpoint", "random_weights", "num_images", "protocol", "eval", "classifier", "overrides")
-PART_FIELDS = ("command", "device", "host", "date", "jax", "wall_s")
+PART_FIELDS = ("command", "device", "host", "date", "jax", "wall_s", "stopped")
 
 
 FP_TOLERANCE = 0.1      # of the noise floor: how far apart the parts' FP rows may be (see _fp_agreement)
@@ -515,7 +549,7 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     for i, v in enumerate(values):
         for name, metrics_ in v.items():
             if name in joined and (name in ("fp", NOISE_ROW) or name.endswith(":fp")):
-                if fp_note is None and any(not np.array_equal(joined[name][m][1], metrics_[m][1])
+                if fp_note is None and not name.endswith(":fp") and any(not np.array_equal(joined[name][m][1], metrics_[m][1])
                                            for m in metrics_):
                     raise ValueError(f"the parts' bootstrap values of {name} differ: they used other replicate "
                                      f"indices or other FP images")
@@ -571,8 +605,11 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
         setting = lambda z: (z["num_inputs"], z["box"], z["seed"], z["tasks"])
         if any(setting(z) != setting(shots[0]) for z in shots[1:]):
             raise ValueError("the parts' zero-shot rows were made on other inputs or settings: they cannot be merged")
-        zs_rows = {(r["task"], r["name"]): r for z in shots for r in z["rows"]}
+        zs_rows = {}
+        for r in (r for z in shots for r in z["rows"]):
+            zs_rows.setdefault((r["task"], r["name"]), r)     # the FP rows as their values: the first part's
         result["zero_shot"] = {**{k: shots[0][k] for k in ("num_inputs", "box", "seed", "tasks")},
+                               "notes": zero_shot_rows.fp_agreement(shots),
                                "rows": sorted(zs_rows.values(), key=lambda r: (
                                    shots[0]["tasks"].index(r["task"]), r["preset"] != "fp",
                                    -(r["w_bits"] or 0), -(r["a_bits"] or 0), rank(r["method"]),

@@ -115,7 +115,8 @@ def to_markdown(result: dict) -> str:
         lines.append(f"- Made in {len(result['parts'])} parts, separate invocations (side by side on one workdir, "
                      f"their PTQ and eval times then including shared devices and host CPUs, or one after another):")
         lines += [f"  - `{p['command']}` — {p['device']}, host {p['host']}, {p['date']}, jax {p['jax']}, "
-                  f"{p['wall_s']:.0f} s" for p in result["parts"]]
+                  f"{p['wall_s']:.0f} s" + (f", stopped by {p['stopped']} (its finished runs)" if p.get("stopped")
+                                            else "") for p in result["parts"]]
         lines.append(f"- Merged by `{result['command'] or '(library call)'}` — {result['device']}, host "
                      f"{result['host']}, {result['date']}, jax {result['jax']} "
                      f"(A·V diagnostic from {result['av_error_from']})")
@@ -127,6 +128,12 @@ def to_markdown(result: dict) -> str:
         lines += [f"- Device: {result['device']}, host {result['host']}, {result['date']}, jax {result['jax']}; "
                   f"wall time of this invocation {result['wall_s']:.0f} s",
                   f"- Command: `{result['command'] or '(library call)'}`"]
+        if result.get("stopped"):
+            lines.append(f"- **Stopped by {result['stopped']}**: the rows are the runs finished before it; not run: "
+                         f"{', '.join(result['not_run']) or 'none'}"
+                         + (f"; zero-shot rows not run: {', '.join(result['zero_shot_not_run'])}"
+                            if result.get("zero_shot_not_run") else "")
+                         + ". The same command again resumes the rest.")
     lines.append("")
     lines += table(result["rows"])
     lines += ["", "BOPs per image (the FP row: 16-bit BOPs); BOPs + SaS adds the shift-and-sum products at θ "

@@ -109,6 +109,22 @@ def set_intervals(rows: Sequence[dict], values: Mapping) -> None:
         r["intervals"] = protocol_lib.row_intervals(v)
 
 
+def fp_agreement(sections: Sequence[dict]) -> List[str]:
+    """A note on how far apart the zero-shot FP rows of merged parts are (same inputs and keys, separate device
+    sessions: other kernels round otherwise); none for one section. The table's FP rows are the first's, and each
+    stated difference lies within one part, so no limit is imposed."""
+    if len(sections) < 2:
+        return []
+    gaps = {}
+    for task in sections[0]["tasks"]:
+        fp = [next(r for r in z["rows"] if r["task"] == task and r["name"] == "fp") for z in sections]
+        for metric, title, _ in METRICS:
+            gaps[title] = max([gaps.get(title, 0.0)] + [abs(r[metric] - fp[0][metric]) for r in fp[1:]])
+    return [f"the {len(sections)} parts with zero-shot rows sampled their FP rows in separate invocations (same "
+            f"inputs and keys): they differ by at most " + ", ".join(f"{g:.4g} in {t}" for t, g in gaps.items())
+            + "; the FP rows shown are the first part's, and each baseline → full difference is within one part"]
+
+
 def comparisons(rows: Sequence[dict], values: Mapping, pair: Tuple[str, str] = COMPARED) -> List[dict]:
     """pair[0] → pair[1] (baseline → full) within each task, preset and calibration seed, on every metric; Holm
     over all of them."""
@@ -166,4 +182,5 @@ def to_markdown(section: dict) -> List[str]:
                      + f", {c['what']}: {titles[c['metric']]} {c['estimate']:+.4g} [{lo}, {hi}] (Holm p {p}): {c['verdict']}.")
     if not comps:
         lines.append(f"- No {COMPARED[0]}/{COMPARED[1]} pair in these rows: no differences stated.")
+    lines += [f"- Note: {n}" for n in section.get("notes", [])]
     return lines + [""]
