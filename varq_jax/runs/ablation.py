@@ -391,7 +391,8 @@ def _run_rows(runs, checkpoint, ck, workdir, eval_config, res, protocol, zero_sh
                                                           log, ref_dirs=fp_dirs)
                 rows.append(_row(r.name, r.preset, r.method, results, eval_s, report, r.config.w_bits,
                                  r.config.a_bits, calib_seed=r.calib_seed))
-                sets[r.name], reports[r.name] = images, report
+                sets[r.name] = images
+                reports[r.name] = report                   # last: a run is finished once its report is here
             if zero_shot:
                 chosen = [(next(r for r in rows if r["name"] == name), os.path.join(workdir, name),
                            os.path.join(workdir, name, "ptq", "model")) for name in dict.fromkeys(zero_shot)]
@@ -401,6 +402,8 @@ def _run_rows(runs, checkpoint, ck, workdir, eval_config, res, protocol, zero_sh
                 zs = {"rows": zs_rows, "num_inputs": protocol.zero_shot_images, "box": list(zs_config.box),
                       "seed": zs_config.seed, "tasks": list(zs_config.tasks)}
     except stopping.Stopped as e:
+        kept = ({"fp", NOISE_ROW} & set(sets)) | set(reports)        # a signal can fall between two of the updates
+        rows, sets = [r for r in rows if r["name"] in kept], {k: v for k, v in sets.items() if k in kept}
         if (NOISE_ROW if protocol.noise_seeds else "fp") not in {r["name"] for r in rows}:
             raise stopping.Stopped(f"{e} during the FP rows: nothing to write") from None
         log(f"[stopped] {e}: writing the table of the runs finished before it")
@@ -549,8 +552,8 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     for i, v in enumerate(values):
         for name, metrics_ in v.items():
             if name in joined and (name in ("fp", NOISE_ROW) or name.endswith(":fp")):
-                if fp_note is None and not name.endswith(":fp") and any(not np.array_equal(joined[name][m][1], metrics_[m][1])
-                                           for m in metrics_):
+                exact = fp_note is None and not name.endswith(":fp")   # zero-shot FP rows: a note instead
+                if exact and any(not np.array_equal(joined[name][m][1], metrics_[m][1]) for m in metrics_):
                     raise ValueError(f"the parts' bootstrap values of {name} differ: they used other replicate "
                                      f"indices or other FP images")
                 continue                                          # part 0's FP values are the table's
