@@ -466,7 +466,9 @@ def test_zero_shot_rows_on_the_same_inputs_with_intervals(ablation_run):
     joined = ablation.merge([main, json.load(open(root / "ZS.json"))], values=[main_values, values],
                             method_order=cli.METHODS)
     assert joined["rows"] == main["rows"] and joined["zero_shot"]["rows"] == zs["rows"]
-    assert sum("quantized it again for its zero-shot rows" in n for n in joined["eval_notes"]) == 2
+    notes = [n for n in joined["eval_notes"] if "quantized it again for its zero-shot rows" in n]
+    assert len(notes) == 2       # on the same workdir, so the same model and samples: a paired difference of 0
+    assert all("part 1 − part 0, paired: class_accuracy +0 [+0, +0], fd_real +0 [+0, +0]" in n for n in notes), notes
     parts, part_values = [], []                  # one zero-shot row per part, FP sampled again in the second
     for drop in ("w4a6_brecq", "w4a6_baseline"):
         p = json.load(open(root / "ZS.json"))

@@ -24,7 +24,7 @@ import numpy as np
 from varq_jax import default_model, fingerprint, parallel
 from varq_jax.files import atomic_write
 from varq_jax.eval import evaluate as ev
-from varq_jax.eval import metrics
+from varq_jax.eval import metrics, paired
 from varq_jax.quant import calibration, diagnostics, pipeline, state, theta as theta_lib
 from varq_jax.checkpoint import read_state
 from varq_jax.runs import ptq as ptq_run, quantize as quantize_run
@@ -489,12 +489,19 @@ def _fp_agreement(fp_rows: Sequence[Sequence[dict]]) -> Optional[str]:
             f"rows are part 0's, and each part's 'FD to FP' is against its own FP set")
 
 
-def _requantized_note(name: str, row: dict, i: int, other: dict, j: int) -> str:
-    """A run quantized again in a later part for its zero-shot rows: the table keeps the first part's row."""
+def _requantized_note(name: str, row: dict, i: int, other: dict, j: int, va: Mapping, vb: Mapping) -> str:
+    """A run quantized again in a later part for its zero-shot rows: the table keeps the first part's row. With
+    both parts' replicates, the note gives the paired difference: what quantizing and sampling the run again in
+    another device session moves, a spread the bootstrap over images does not hold."""
     diff = ", ".join(f"{m} {row[m]:.4g} vs {other[m]:.4g}" for m in FP_METRICS
                      if row.get(m) is not None and other.get(m) is not None)
+    paired_ = [(m, paired.difference_of(*va[m], *vb[m])) for m in FP_METRICS
+               if m in va and m in vb and len(va[m][1]) and len(vb[m][1])]
+    again = ("; part {j} − part {i}, paired: ".format(i=i, j=j)
+             + ", ".join(f"{m} {d.estimate:+.4g} [{d.low:+.4g}, {d.high:+.4g}]" for m, d in paired_)
+             if paired_ else "")
     return (f"run {name}: the table's row is part {i}'s; part {j} quantized it again for its zero-shot rows "
-            f"(same calibration set and settings; its own row there: {diff}, part {i}'s first)")
+            f"(same calibration set and settings; its own row there: {diff}, part {i}'s first{again})")
 
 
 def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, workdir: str = "", diag_samples: int = 0,
@@ -544,7 +551,10 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
             if r["name"] in seen:
                 if r["name"] not in zs_runs:
                     raise ValueError(f"run {r['name']} appears in more than one part")
-                again.append(_requantized_note(r["name"], rows[seen[r["name"]][1]], seen[r["name"]][0], r, i))
+                first_part = seen[r["name"]][0]
+                va, vb = ((values[first_part].get(r["name"], {}), values[i].get(r["name"], {})) if values
+                          else ({}, {}))
+                again.append(_requantized_note(r["name"], rows[seen[r["name"]][1]], first_part, r, i, va, vb))
                 continue
             seen[r["name"]] = (i, len(rows))
             rows.append(r)
