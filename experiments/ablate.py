@@ -12,7 +12,7 @@ Without --checkpoint the embedded default model is used. --config.<field>=value 
 (`varq_jax.runs.protocol`): every row on the same keys over --seeds, the FP model again over --noise_seeds (the
 noise floor), --replicates paired bootstrap replicates, one calibration set per --calib_seeds (+ --extra_calib)
 made in --calib_dtype and shared by the rows of that seed. Runs whose outputs exist in --workdir are skipped;
-stopped ones resume. SIGTERM (e.g. `timeout -k 90 S`) stops the invocation at the run it arrives in and writes the
+stopped ones resume. SIGTERM (e.g. `timeout -k 60 S`) stops the invocation at the run it arrives in and writes the
 table of the runs finished before it (exit status 143), so that the end of a device lease does not lose them.
 The metrics are the in-project classifier's (class accuracy, Fréchet distances of its features), not FID.
 """
