@@ -329,7 +329,8 @@ def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str,
     with stopping.ignoring(stop_on):             # from the first stop signal on: write what finished
         done = _run_rows(runs, checkpoint, ck, workdir, eval_config, res, protocol, zero_shot, zs_inputs, zs_config,
                          given, mesh, stop_on, log)
-        rows, sets, reports, values, stopped = (done[k] for k in ("rows", "sets", "reports", "values", "stopped"))
+        rows, sets, reports, values, stopped, notes, zs = (done[k] for k in (
+            "rows", "sets", "reports", "values", "stopped", "eval_notes", "zero_shot"))
         finished = [r for r in runs if r.name in reports]
         if res.classifier is not None:
             log(f"[bootstrap] {protocol.replicates} paired replicates over {protocol.num_images} images ...")
@@ -340,10 +341,10 @@ def run_ablation(plan: Plan, eval_config: ev.EvalConfig, workdir: str, out: str,
                                                                         ck.vae_cfg.image_size, mesh), "fp", protocol))
             for row in rows:
                 _set_estimates(row, values.get(row["name"], {}))
-        result = _result(ck, checkpoint, plan, eval_config, protocol, res, rows, done["eval_notes"], command,
-                         started, run_diagnostics(ck, finished, reports, workdir, diag_samples, log))
-        if done["zero_shot"] is not None:
-            result["zero_shot"] = done["zero_shot"]
+        result = _result(ck, checkpoint, plan, eval_config, protocol, res, rows, notes, command, started,
+                         run_diagnostics(ck, finished, reports, workdir, diag_samples, log))
+        if zs is not None:
+            result["zero_shot"] = zs
         if stopped:
             result["stopped"] = stopped
             result["not_run"] = [r.name for r in runs if r.name not in reports]
@@ -497,7 +498,7 @@ def _requantized_note(name: str, row: dict, i: int, other: dict, j: int, va: Map
                      if row.get(m) is not None and other.get(m) is not None)
     paired_ = [(m, paired.difference_of(*va[m], *vb[m])) for m in FP_METRICS
                if m in va and m in vb and len(va[m][1]) and len(vb[m][1])]
-    again = ("; part {j} − part {i}, paired: ".format(i=i, j=j)
+    again = (f"; part {j} − part {i}, paired: "
              + ", ".join(f"{m} {d.estimate:+.4g} [{d.low:+.4g}, {d.high:+.4g}]" for m, d in paired_)
              if paired_ else "")
     return (f"run {name}: the table's row is part {i}'s; part {j} quantized it again for its zero-shot rows "
