@@ -19,7 +19,9 @@
 # once that set exists, else SHARE_CALIB= (it samples the set, and leaves it for the next parts on this machine).
 set -o pipefail
 NAME=$1; shift
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# once a machine (a part started beside a running one must not reinstall the files that one imports)
+[ -d /tmp/site/clu ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 T0=$(date +%s); MARK=$(mktemp)      # sets older than MARK were made by an earlier part on this workdir
 W=${WORKDIR:-/tmp/research/$NAME}; O=/tmp/research/out_$NAME; mkdir -p $W $O
