@@ -65,6 +65,8 @@ flags.DEFINE_list("planned_also", [], "with --merge: runs the table plans beyond
                   "w4a4_litevar,w4a4_full_litevar), listed as not run where no part holds them; --zero_shot then "
                   "names the planned zero-shot rows")
 flags.DEFINE_integer("zero_shot_images", 1000, "protocol: real test images the zero-shot rows regenerate")
+flags.DEFINE_bool("fp_sets", False, "with --merge: parts whose FP rows differ beyond the tolerance (another kind of "
+                  "GPU) form FP sets of their own, each with its FP rows, compared only within it (else refused)")
 flags.DEFINE_list("merge", None, "instead of running: merge these ablation JSONs (separate invocations, e.g. one per "
                   "GPU or per device session) into --out; the A·V diagnostic is recomputed on --checkpoint; the runs "
                   "of --presets × --methods (and --extra_calib) that no part holds are listed as not run")
@@ -156,7 +158,7 @@ def _merge(command: str) -> dict:
         planned += [n for n in FLAGS.planned_also if n not in planned]
     result = ablation.merge(parts, values=values, ck=ck, workdir=FLAGS.workdir, diag_samples=FLAGS.diag_samples,
                             command=command, method_order=cli.METHODS, make_plan=cli.ablation_plan,
-                            planned=planned, planned_zero_shot=FLAGS.zero_shot)
+                            planned=planned, planned_zero_shot=FLAGS.zero_shot, fp_sets=FLAGS.fp_sets)
     results_table.write(FLAGS.out, result)
     print(f"wrote {FLAGS.out} and {FLAGS.out[:-3]}.json")
     return result

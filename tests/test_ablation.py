@@ -517,12 +517,61 @@ def test_parts_from_separate_device_sessions_merge_within_the_noise_floor(ablati
     near["rows"][0]["fd_real"] += 0.01 * gap                  # rounding of another session's kernels
     merged = ablation.merge([a, near], values=values, method_order=cli.METHODS)
     assert merged["rows"][0] == a["rows"][0]                  # part 0's FP row is the table's
-    assert any("separate device sessions" in n and f"{0.01 * gap:.4g} in FD to real" in n
+    assert any("separate invocations" in n and f"{0.01 * gap:.4g} in FD to real" in n
                for n in merged["eval_notes"])
     far = json.loads(json.dumps(b))
     far["rows"][0]["fd_real"] += 0.2 * gap
     with pytest.raises(ValueError, match="FP rows differ.*fd_real differs by"):
         ablation.merge([a, far], values=values)
+
+
+def test_parts_of_another_gpu_form_an_fp_set_compared_only_within_it(ablation_run, tmp_path):
+    """FP rows beyond the tolerance (another kind of GPU): refused, or with fp_sets a set of its own — its FP rows
+    as rows 'fp@2', its runs tagged, a run of set 1 quantized again there a row of its own ('…@2', with the paired
+    note), every comparison within one set, each row against its own set's FP."""
+    _, result, _ = ablation_run
+    (brecq, base), values = _split(result)                   # part 0: w4a6_brecq, part 1: w4a6_baseline
+    fp, noise = (next(r for r in result["rows"] if r["name"] == n) for n in ("fp", NOISE_ROW))
+    shift = 0.2 * abs(noise["fd_real"] - fp["fd_real"])
+
+    def on_other_gpu(part):
+        p = json.loads(json.dumps(part))
+        for r in p["rows"]:
+            if r["preset"] == "fp":
+                r["fd_real"] += shift
+        return p
+    with pytest.raises(ValueError, match="FP rows differ.*--fp_sets"):
+        ablation.merge([brecq, on_other_gpu(base)], values=values)
+    def other_values(v):                                      # its FP samples: other features
+        out = {k: dict(m) for k, m in v.items()}
+        est, reps = out["fp"]["fd_real"]
+        out["fp"]["fd_real"] = (est + shift, reps + shift)
+        return out
+    parts = [brecq, on_other_gpu(base), on_other_gpu(brecq)]
+    merged = ablation.merge(parts, values=[values[0], other_values(values[1]), other_values(values[0])],
+                            method_order=cli.METHODS, fp_sets=True)
+    assert [(r["name"], r["fp_set"]) for r in merged["rows"]] == [
+        ("fp", 0), (NOISE_ROW, 0), ("fp@2", 1), (f"{NOISE_ROW}@2", 1),
+        ("w4a6_baseline", 1), ("w4a6_brecq", 0), ("w4a6_brecq@2", 1)]
+    assert [p["fp_set"] for p in merged["parts"]] == [0, 1, 1]
+    assert merged["rows"][0]["fd_real"] == pytest.approx(fp["fd_real"])             # each set's own FP values
+    assert merged["rows"][2]["fd_real"] == pytest.approx(fp["fd_real"] + shift)
+    assert {"fp@2", f"{NOISE_ROW}@2", "w4a6_brecq@2"} <= set(merged["_values"])
+    against = {c["b"]: c["a"] for c in merged["comparisons"] if c["what"] == "against FP"}
+    assert against == {"w4a6_baseline": "fp@2", "w4a6_brecq": "fp", "w4a6_brecq@2": "fp@2"}
+    pairs = {(c["a"], c["b"], c["fp_set"]) for c in merged["comparisons"] if c["what"] != "against FP"}
+    assert pairs == {("w4a6_baseline", "w4a6_brecq@2", 1)}  # set 1's brecq is not paired with set 2's baseline
+    c = next(c for c in merged["comparisons"] if c["b"] == "w4a6_brecq@2" and c["metric"] == "class_accuracy"
+             and c["what"] != "against FP")
+    one = next(c for c in result["comparisons"] if c["b"] == "w4a6_brecq" and c["metric"] == "class_accuracy"
+               and c["what"] != "against FP")
+    assert c["estimate"] == pytest.approx(one["estimate"]) and c["low"] == pytest.approx(one["low"])
+    assert any("form 2 FP sets" in n for n in merged["eval_notes"])
+    assert any("run w4a6_brecq: quantized again by part 2 in FP set 2" in n and "class_accuracy +0 [+0, +0]" in n
+               for n in merged["eval_notes"])
+    results_table.write(str(tmp_path / "SETS.md"), merged)
+    md = (tmp_path / "SETS.md").read_text()
+    assert "| FP set |" in md and "Noise floor of FP set 2" in md and "FP set 2, reconstruction" in md
 
 
 def test_a_part_of_the_table_runs_only_the_named_runs(ablation_run):

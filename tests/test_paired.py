@@ -194,3 +194,19 @@ def test_protocol_refuses_bad_settings():
     assert protocol.Protocol().calib_seeds_of("w8a8") == (2025,)
     p = protocol.Protocol(extra_calib=(("w4a6", (7, 8)),))
     assert protocol.from_dict(p.to_dict()) == p
+
+
+def test_litevar_rows_are_compared_as_the_paper_compares_them():
+    """LiteVAR (fc2 kept at 16 bits) against BRECQ, the method with and without it: the paper's three columns."""
+    from varq_jax.runs import protocol
+    rows, values, p = _rows_and_values()
+    lite = [dict(rows[-1], name=f"w4a4_{m}", method=m) for m in ("litevar", "full_litevar")]
+    values = {**values, "w4a4_litevar": values["w4a4_brecq"], "w4a4_full_litevar": values["w4a4_full"]}
+    comps = protocol.comparisons(rows + lite, values)
+    pairs = {(c["a"], c["b"]) for c in comps if c["metric"] == "class_accuracy" and c["what"] != "against FP"}
+    assert {("w4a4_brecq", "w4a4_litevar"), ("w4a4_full", "w4a4_full_litevar"),
+            ("w4a4_litevar", "w4a4_full_litevar")} <= pairs
+    c = next(c for c in comps if (c["a"], c["b"], c["metric"]) == ("w4a4_brecq", "w4a4_litevar", "class_accuracy"))
+    assert c["estimate"] == 0 and c["verdict"] == "no measurable difference"      # the same images here
+    assert any(s.startswith("W4A4, calib seed 2025, LiteVAR's fc2 rule (brecq → litevar): class accuracy +0 ")
+               for s in protocol.findings(rows + lite, comps, p))

@@ -454,7 +454,7 @@ FP_TOLERANCE = 0.1      # of the noise floor: how far apart the parts' FP rows m
 FP_METRICS = ("class_accuracy", "fd_real", "fd_fp")
 
 
-def _fp_agreement(fp_rows: Sequence[Sequence[dict]]) -> Optional[str]:
+def _fp_agreement(fp_rows: Sequence[Sequence[dict]], first: int = 0) -> Optional[str]:
     """None when the parts' FP rows are equal (one device session: the same samples bit for bit). Parts made on
     separate GPU sessions sample the same keys and labels, but autotuned kernels round differently, so their FP
     rows differ slightly; they are merged when every FP metric is within FP_TOLERANCE of the noise floor's distance
@@ -484,16 +484,63 @@ def _fp_agreement(fp_rows: Sequence[Sequence[dict]]) -> Optional[str]:
     if over:
         raise ValueError(f"{refused} — {over[0]} differs by {worst[over[0]]:.4g}, more than {FP_TOLERANCE} of the "
                          f"noise floor's {floor[over[0]]:.4g}")
-    return (f"the parts' FP sets were sampled in separate device sessions (same keys and labels): their FP rows "
-            f"differ by at most {worst['class_accuracy']:.4g} in class accuracy, {worst['fd_real']:.4g} in FD to "
-            f"real and {worst['fd_fp']:.4g} in FD to FP (≤ {FP_TOLERANCE} of the noise floor's distance); the FP "
-            f"rows are part 0's, and each part's 'FD to FP' is against its own FP set")
+    return (f"the parts' FP sets were sampled or scored in separate invocations (same keys and labels): their FP "
+            f"rows differ by at most {worst['class_accuracy']:.4g} in class accuracy, {worst['fd_real']:.4g} in FD "
+            f"to real and {worst['fd_fp']:.4g} in FD to FP (≤ {FP_TOLERANCE} of the noise floor's distance); the FP "
+            f"rows are part {first}'s, and each part's 'FD to FP' is against its own FP set")
 
 
-def _requantized_note(name: str, row: dict, i: int, other: dict, j: int, va: Mapping, vb: Mapping) -> str:
-    """A run quantized again in a later part for its zero-shot rows: the table keeps the first part's row. With
-    both parts' replicates, the note gives the paired difference: what quantizing and sampling the run again in
-    another device session moves, a spread the bootstrap over images does not hold."""
+def fp_set_suffix(k: int) -> str:
+    """The suffix of FP set k's row names where they would clash with set 0's ('fp@2', 'w4a4_full@2')."""
+    return "" if k == 0 else f"@{k + 1}"
+
+
+def _fp_sets(fp_rows: Sequence[Sequence[dict]], separate: bool, devices: Sequence[str]) -> tuple:
+    """(FP set of each part, notes). A part joins the first set whose first part's FP rows it matches (exactly, or
+    within FP_TOLERANCE of the noise floor: `_fp_agreement`); one that matches none is refused, or, with
+    `separate`, starts a set of its own — parts sampled on another kind of GPU (an H100 beside H200 parts) sample
+    the same keys into other images often enough that pairing them with another set's images would be false."""
+    firsts, set_of = [], []
+    for i, rs in enumerate(fp_rows):
+        refusal = None
+        for k, j in enumerate(firsts):
+            try:
+                _fp_agreement([fp_rows[j], rs])
+                set_of.append(k)
+                break
+            except ValueError as e:
+                refusal = e
+        else:
+            if refusal is not None and not separate:
+                raise ValueError(f"{refusal} (merge them as separate FP sets, each set's rows compared only within "
+                                 f"it: --fp_sets)")
+            firsts.append(i)
+            set_of.append(len(firsts) - 1)
+    notes = []
+    for k in range(len(firsts)):
+        members = [i for i, s in enumerate(set_of) if s == k]
+        note = _fp_agreement([fp_rows[i] for i in members], first=members[0])
+        if note:
+            notes.append(note if len(firsts) == 1 else f"FP set {k + 1}: {note}")
+    if len(firsts) > 1:
+        sets = "; ".join(f"FP set {k + 1}: part{'s' if set_of.count(k) > 1 else ''} "
+                         f"{', '.join(str(i) for i, s in enumerate(set_of) if s == k)} "
+                         f"({', '.join(sorted({devices[i] for i, s in enumerate(set_of) if s == k}))})"
+                         for k in range(len(firsts)))
+        notes.insert(0, f"the parts' FP rows differ beyond {FP_TOLERANCE} of the noise floor, so they form "
+                        f"{len(firsts)} FP sets ({sets}): the same keys sampled into partly other images. Each set "
+                        f"has its own FP and noise-floor rows, a row's 'FD to FP' is against its own set's FP samples, "
+                        f"and every stated difference lies within one set (rows of different sets are not paired "
+                        f"image by image, so they are not compared)")
+    return set_of, notes
+
+
+def _requantized_note(name: str, row: dict, i: int, other: dict, j: int, va: Mapping, vb: Mapping,
+                      other_set: Optional[int] = None) -> str:
+    """A run quantized again in a later part: for its zero-shot rows (the table keeps the first part's row), or in
+    another FP set (a row of that set). With both parts' replicates, the note gives the paired difference: what
+    quantizing and sampling the run again in another device session moves, a spread the bootstrap over images
+    does not hold."""
     diff = ", ".join(f"{m} {row[m]:.4g} vs {other[m]:.4g}" for m in FP_METRICS
                      if row.get(m) is not None and other.get(m) is not None)
     paired_ = [(m, paired.difference_of(*va[m], *vb[m])) for m in FP_METRICS
@@ -501,13 +548,18 @@ def _requantized_note(name: str, row: dict, i: int, other: dict, j: int, va: Map
     again = (f"; part {j} − part {i}, paired: "
              + ", ".join(f"{m} {d.estimate:+.4g} [{d.low:+.4g}, {d.high:+.4g}]" for m, d in paired_)
              if paired_ else "")
+    if other_set is not None:
+        return (f"run {name}: quantized again by part {j} in FP set {other_set + 1} (same calibration set and "
+                f"settings), its row there {name}{fp_set_suffix(other_set)} ({diff}, part {i}'s first{again}; the "
+                f"images of two FP sets are not fully paired, so this is an upper bound on the re-run spread)")
     return (f"run {name}: the table's row is part {i}'s; part {j} quantized it again for its zero-shot rows "
             f"(same calibration set and settings; its own row there: {diff}, part {i}'s first{again})")
 
 
 def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, workdir: str = "", diag_samples: int = 0,
           command: str = "", method_order: Sequence[str] = (), make_plan: Optional[Callable] = None,
-          planned: Sequence[str] = (), planned_zero_shot: Sequence[str] = (), log: Callable = print) -> dict:
+          planned: Sequence[str] = (), planned_zero_shot: Sequence[str] = (), fp_sets: bool = False,
+          log: Callable = print) -> dict:
     """One table from ablation results of separate invocations on the same model and evaluation settings (e.g.
     one per GPU, each with its own presets/methods): rows with higher bit widths first, methods in `method_order`
     (else as the parts list them), the FP row once, the frequency-mismatch diagnostics joined, and the A·V
@@ -519,7 +571,10 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     agree). `planned`: run names of the whole table, those absent listed as not run (`planned_zero_shot` likewise
     for the runs of the zero-shot rows). A run may be in more than one part only where a later part quantized it
     again for its zero-shot rows (they need the model in their part); its row and values are then the first
-    part's, with a note."""
+    part's, with a note. Parts whose FP rows differ beyond the tolerance are refused, or with `fp_sets` form FP
+    sets of their own (`_fp_sets`): each set's FP rows are rows of the table ('fp@2', …), its rows carry `fp_set`,
+    a run of an earlier set quantized again there is a row of its own ('NAME@2'), and comparisons stay within a
+    set."""
     order_of = list(method_order) or list(dict.fromkeys(m for p in parts for m in p.get("methods", [])))
     rank = lambda m: order_of.index(m) if m in order_of else len(order_of)
     if not parts:
@@ -540,39 +595,56 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     fp_rows = [[r for r in p["rows"] if r["preset"] == "fp"] for p in parts]
     if any(not any(r["name"] == "fp" for r in rs) for rs in fp_rows):
         raise ValueError("every part must hold the FP row")
-    fp_note = _fp_agreement(fp_rows)
+    set_of, fp_notes = _fp_sets(fp_rows, fp_sets, [p.get("device", "?") for p in parts])
+    several = len(set(set_of)) > 1
+    tag = (lambda r, k: dict(r, fp_set=k)) if several else (lambda r, k: r)
     if values and len(values) != len(parts):
         raise ValueError(f"{len(parts)} parts but {len(values)} sets of bootstrap values")
-    rows, seen, again = [], {}, []
+    rows, seen, again = [], {}, []             # seen: (run, FP set) → (part, index in rows)
+    table_name: Dict[tuple, str] = {}         # (part, its name of a row) → the table's name
     for i, p in enumerate(parts):
+        k = set_of[i]
         zs_runs = {r["name"] for r in (p.get("zero_shot") or {}).get("rows", [])}
         for r in p["rows"]:
+            name = r["name"]
             if r["preset"] == "fp":
+                table_name[i, name] = name + fp_set_suffix(k)
                 continue
-            if r["name"] in seen:
-                if r["name"] not in zs_runs:
-                    raise ValueError(f"run {r['name']} appears in more than one part")
-                first_part = seen[r["name"]][0]
-                va, vb = ((values[first_part].get(r["name"], {}), values[i].get(r["name"], {})) if values
-                          else ({}, {}))
-                again.append(_requantized_note(r["name"], rows[seen[r["name"]][1]], first_part, r, i, va, vb))
+            part_values = lambda j: values[j].get(name, {}) if values else {}
+            if (name, k) in seen:
+                if name not in zs_runs:
+                    raise ValueError(f"run {name} appears in more than one part")
+                j, at = seen[name, k]
+                again.append(_requantized_note(name, rows[at], j, r, i, part_values(j), part_values(i)))
+                table_name[i, name] = rows[at]["name"]
                 continue
-            seen[r["name"]] = (i, len(rows))
-            rows.append(r)
+            earlier = [seen[n, s] for n, s in seen if n == name]
+            if earlier:
+                j, at = earlier[0]
+                again.append(_requantized_note(name, rows[at], j, r, i, part_values(j), part_values(i), other_set=k))
+            table_name[i, name] = name + fp_set_suffix(k) if earlier else name
+            seen[name, k] = (i, len(rows))
+            rows.append(tag(dict(r, name=table_name[i, name]), k))
+    owner = {rows[at]["name"]: j for j, at in seen.values()}
     joined: Dict[str, Mapping] = {}
     for i, v in enumerate(values):
         for name, metrics_ in v.items():
-            if name in joined and (name in ("fp", NOISE_ROW) or name.endswith(":fp")):
-                exact = fp_note is None and not name.endswith(":fp")   # zero-shot FP rows: a note instead
-                if exact and any(not np.array_equal(joined[name][m][1], metrics_[m][1]) for m in metrics_):
+            task, sep, row = name.rpartition(":") if name.startswith("zero_shot:") else ("", "", name)
+            new = task + sep + table_name.get((i, row), row + fp_set_suffix(set_of[i]) if row == "fp" else row)
+            if new in joined and (row in ("fp", NOISE_ROW)):
+                exact = not fp_notes and not sep                 # zero-shot FP rows: a note instead
+                if exact and any(not np.array_equal(joined[new][m][1], metrics_[m][1]) for m in metrics_):
                     raise ValueError(f"the parts' bootstrap values of {name} differ: they used other replicate "
                                      f"indices or other FP images")
-                continue                                          # part 0's FP values are the table's
-            if name in seen and seen[name][0] != i:
+                continue                                          # each set's first part's FP values are its
+            if owner.get(new, i) != i or new in joined:
                 continue                                          # a run's values are those of its row's part
-            joined[name] = metrics_
-    q = sorted(rows, key=lambda r: (-r["w_bits"], -r["a_bits"], rank(r["method"]), r.get("calib_seed") or 0))
-    rows = [dict(r) for r in fp_rows[0] + q]
+            joined[new] = metrics_
+    q = sorted(rows, key=lambda r: (-r["w_bits"], -r["a_bits"], rank(r["method"]), r.get("calib_seed") or 0,
+                                    r.get("fp_set", 0)))
+    set_fp_rows = [tag(dict(r, name=table_name[i, r["name"]]), k) for k in sorted(set(set_of))
+                   for i in [set_of.index(k)] for r in fp_rows[i]]
+    rows = [dict(r) for r in set_fp_rows + q]
     for row in rows:                     # intervals by this version's rule, from the stored replicates
         if row["name"] in joined:
             _set_estimates(row, joined[row["name"]])
@@ -587,7 +659,11 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     presets = list(dict.fromkeys(r["preset"] for r in q))
     methods = sorted({r["method"] for r in q}, key=rank)
     order = {r["name"]: i for i, r in enumerate(rows)}
-    fms = {fm["run"]: fm for p in parts for fm in p["diagnostics"]["frequency_mismatch"]}
+    fms = {}
+    for i, p in enumerate(parts):
+        for fm in p["diagnostics"]["frequency_mismatch"]:
+            name = table_name.get((i, fm["run"]), fm["run"])
+            fms.setdefault(name, dict(fm, run=name))
     av = {}
     for p in parts:
         for d in p["diagnostics"]["av_error"]:
@@ -602,33 +678,40 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
                              f"({first['model']})")
         if make_plan is None:
             raise ValueError("recomputing the A·V diagnostic needs the runs' configs (make_plan)")
-        runs = [r for r in protocol_runs(make_plan(presets, methods, first["overrides"]), protocol) if r.name in seen]
+        runs = [r for r in protocol_runs(make_plan(presets, methods, first["overrides"]), protocol)
+                if r.name in {n for n, _ in seen}]
         reports = {r["name"]: {"theta": r["theta"]} for r in q}
         diag["av_error"] = run_diagnostics(ck, runs, reports, workdir, diag_samples, log)["av_error"]
     result = {k: first[k] for k in SHARED}
     result["protocol"] = protocol.to_dict()
-    result["not_run"] = [name for name in planned if name not in seen]
-    result.update(eval_notes=first.get("eval_notes", []) + ([fp_note] if fp_note else []) + again,
+    result["not_run"] = [name for name in planned if name not in {n for n, _ in seen}]
+    result.update(eval_notes=first.get("eval_notes", []) + fp_notes + again,
                   presets=presets, methods=methods, command=command,
                   **environment(), rows=rows, diagnostics=diag,
                   wall_s=max(p.get("wall_s", 0.0) for p in parts),
-                  parts=[{k: p.get(k) for k in PART_FIELDS} for p in parts],
+                  parts=[{**{k: p.get(k) for k in PART_FIELDS}, **({"fp_set": set_of[i]} if several else {})}
+                         for i, p in enumerate(parts)],
                   av_error_from="this merge" if diag_samples > 0 else "the parts")
-    shots = [p["zero_shot"] for p in zs_parts]
+    shot_parts = [i for i, p in enumerate(parts) if p.get("zero_shot")]
+    shots = [parts[i]["zero_shot"] for i in shot_parts]
     if shots:
         setting = lambda z: (z["num_inputs"], z["box"], z["seed"], z["tasks"])
         if any(setting(z) != setting(shots[0]) for z in shots[1:]):
             raise ValueError("the parts' zero-shot rows were made on other inputs or settings: they cannot be merged")
         zs_rows = {}
-        for r in (r for z in shots for r in z["rows"]):
-            zs_rows.setdefault((r["task"], r["name"]), r)     # the FP rows as their values: the first part's
+        for i in shot_parts:
+            for r in parts[i]["zero_shot"]["rows"]:
+                r = tag(dict(r, name=table_name.get((i, r["name"]), r["name"])), set_of[i])
+                zs_rows.setdefault((r["task"], r["name"]), r)     # the FP rows as their values: each set's first
+        notes = [n if not several else f"FP set {k + 1}: {n}" for k in sorted(set(set_of))
+                 for n in zero_shot_rows.fp_agreement([z for i, z in zip(shot_parts, shots) if set_of[i] == k])]
         result["zero_shot"] = {**{k: shots[0][k] for k in ("num_inputs", "box", "seed", "tasks")},
-                               "notes": zero_shot_rows.fp_agreement(shots),
+                               "notes": notes,
                                "rows": sorted(zs_rows.values(), key=lambda r: (
                                    shots[0]["tasks"].index(r["task"]), r["preset"] != "fp",
                                    -(r["w_bits"] or 0), -(r["a_bits"] or 0), rank(r["method"]),
-                                   r.get("calib_seed") or 0))}
-    zs_names = {r["name"] for r in result.get("zero_shot", {}).get("rows", [])}
+                                   r.get("calib_seed") or 0, r.get("fp_set", 0)))}
+    zs_names = {r["name"] for i in shot_parts for r in parts[i]["zero_shot"]["rows"]}   # the runs' own names
     result["zero_shot_not_run"] = [n for n in planned_zero_shot if n not in zs_names]
     _conclude(result, joined, protocol)
     return result

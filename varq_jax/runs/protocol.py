@@ -25,7 +25,13 @@ COMPARISONS = (("reconstruction", "baseline", "brecq"),
                ("resampling", "brecq", "brecq_resample"),
                ("shift-and-sum on top of resampling", "brecq_resample", "full"),
                ("resampling on top of shift-and-sum", "brecq_sas", "full"),
-               ("both", "brecq", "full"))
+               ("both", "brecq", "full"),
+               ("LiteVAR's fc2 rule", "brecq", "litevar"),
+               ("LiteVAR's fc2 rule on top of the method", "full", "full_litevar"),
+               ("the method on top of LiteVAR", "litevar", "full_litevar"),
+               ("fc2 at W8A8", "brecq", "litevar_w8"),
+               ("fc2 at W8A8 on top of the method", "full", "full_litevar_w8"),
+               ("the method on top of fc2 at W8A8", "litevar_w8", "full_litevar_w8"))
 # (metric, title, lower is better)
 METRICS = (("class_accuracy", "class accuracy", False), ("fd_real", "FD to real", True),
            ("fd_fp", "FD to FP", True))
@@ -125,26 +131,39 @@ def row_intervals(values: Mapping[str, Tuple[float, np.ndarray]]) -> Dict[str, d
     return out
 
 
+def fp_of(row: dict, fp: str = "fp") -> str:
+    """The name of the FP row (or noise row, fp=NOISE_ROW) of the row's FP set: 'fp', or 'fp@2' in a merged table
+    of several sets (`runs.ablation.merge`)."""
+    k = row.get("fp_set", 0)
+    return fp if not k else f"{fp}@{k + 1}"
+
+
+def in_set(c: dict, row: dict) -> dict:
+    """A comparison within one FP set records it (tables of one set have none)."""
+    return dict(c, fp_set=row["fp_set"]) if "fp_set" in row else c
+
+
 def comparisons(rows: Sequence[dict], values: Mapping[str, Mapping[str, Tuple[float, np.ndarray]]],
                 fp: str = "fp") -> List[dict]:
-    """Every difference the table states, Holm-adjusted together: each method pair of COMPARISONS within a preset and
-    calibration seed, and each quantized row against the FP model's class accuracy."""
+    """Every difference the table states, Holm-adjusted together: each method pair of COMPARISONS within a preset,
+    calibration seed and FP set, and each quantized row against its FP set's FP class accuracy."""
     out = []
     q = [r for r in rows if r["preset"] != "fp"]
-    groups = list(dict.fromkeys((r["preset"], r.get("calib_seed")) for r in q))
-    for preset, cs in groups:
-        by_method = {r["method"]: r for r in q if r["preset"] == preset and r.get("calib_seed") == cs}
+    groups = list(dict.fromkeys((r["preset"], r.get("calib_seed"), r.get("fp_set")) for r in q))
+    for preset, cs, k in groups:
+        by_method = {r["method"]: r for r in q
+                     if r["preset"] == preset and r.get("calib_seed") == cs and r.get("fp_set") == k}
         for what, a, b in COMPARISONS:
             if a not in by_method or b not in by_method:
                 continue
             ra, rb = by_method[a]["name"], by_method[b]["name"]
             for metric, _, lower in METRICS:
                 if metric in values.get(ra, {}) and metric in values.get(rb, {}):
-                    out.append(compare(what, preset, cs, ra, rb, metric, lower, values))
+                    out.append(in_set(compare(what, preset, cs, ra, rb, metric, lower, values), by_method[a]))
     for r in q:
-        if "class_accuracy" in values.get(r["name"], {}) and "class_accuracy" in values.get(fp, {}):
-            out.append(compare("against FP", r["preset"], r.get("calib_seed"), fp, r["name"], "class_accuracy",
-                               False, values))
+        if "class_accuracy" in values.get(r["name"], {}) and "class_accuracy" in values.get(fp_of(r, fp), {}):
+            out.append(in_set(compare("against FP", r["preset"], r.get("calib_seed"), fp_of(r, fp), r["name"],
+                                       "class_accuracy", False, values), r))
     return adjust(out)
 
 
@@ -155,14 +174,14 @@ def calibration_comparisons(rows: Sequence[dict], values: Mapping[str, Mapping[s
     method differences are read. Not method claims, so they do not enlarge the main family."""
     out = []
     q = [r for r in rows if r["preset"] != "fp" and r.get("calib_seed") is not None]
-    for preset, method in dict.fromkeys((r["preset"], r["method"]) for r in q):
-        same = [r for r in q if r["preset"] == preset and r["method"] == method]
+    for preset, method, k in dict.fromkeys((r["preset"], r["method"], r.get("fp_set")) for r in q):
+        same = [r for r in q if r["preset"] == preset and r["method"] == method and r.get("fp_set") == k]
         for r in same[1:]:
             for metric, _, lower in METRICS:
                 if metric in values.get(same[0]["name"], {}) and metric in values.get(r["name"], {}):
                     c = compare("calibration set", preset, r["calib_seed"], same[0]["name"], r["name"], metric,
                                 lower, values)
-                    out.append(dict(c, calib_from=same[0]["calib_seed"]))
+                    out.append(in_set(dict(c, calib_from=same[0]["calib_seed"]), r))
     return adjust(out)
 
 
@@ -217,15 +236,21 @@ def findings(rows: Sequence[dict], comps: Sequence[dict], protocol: Protocol) ->
                      f"bootstrap standard error) are Holm-adjusted over all {len(tested)}, intervals are 95 % paired "
                      f"bootstrap intervals ({protocol.replicates} replicates over {protocol.num_images} images).")
     by_name = {r["name"]: r for r in rows}
-    noise = by_name.get(NOISE_ROW)
-    if noise is not None and noise.get("intervals", {}).get("fd_fp"):
-        i = noise["intervals"]["fd_fp"]
-        lines.append(f"Noise floor: two FP sets of {protocol.num_images} images with other keys are FD "
-                     f"{i['estimate']:.4g} [{i['low']:.4g}, {i['high']:.4g}] apart: a quantized row's FD to FP within "
-                     f"this range cannot be told from sampling the FP model again.")
+    sets = sorted({r["fp_set"] for r in rows if "fp_set" in r})
+    if sets:
+        lines.append(f"The rows form {len(sets)} FP sets (see the notes): each difference below lies within one set, "
+                     f"and rows of different sets are not compared.")
+    for k in sets or [None]:
+        noise = by_name.get(NOISE_ROW if k is None else fp_of({"fp_set": k}, NOISE_ROW))
+        if noise is not None and noise.get("intervals", {}).get("fd_fp"):
+            i = noise["intervals"]["fd_fp"]
+            lines.append(f"Noise floor{'' if k is None else f' of FP set {k + 1}'}: two FP sets of "
+                         f"{protocol.num_images} images with other keys are FD {i['estimate']:.4g} [{i['low']:.4g}, "
+                         f"{i['high']:.4g}] apart: a quantized row's FD to FP within this range cannot be told from "
+                         f"sampling the FP model again.")
     for c in comps:
         bits = _bits(by_name[c["b"]])
-        seed = "" if c["calib_seed"] is None else f", calib seed {c['calib_seed']}"
+        seed = ("" if c["calib_seed"] is None else f", calib seed {c['calib_seed']}") + _set_words(c)
         if c["what"] == "against FP":
             lines.append(f"{bits} {by_name[c['b']]['method']}{seed}: {_stated(c, 'class accuracy against FP')}: "
                          f"{c['verdict']}.")
@@ -254,7 +279,7 @@ def calibration_findings(rows: Sequence[dict], comps: Sequence[dict]) -> List[st
     for c in comps:
         r = by_name[c["b"]]
         verdict = c["verdict"] if c["verdict"] in NO_CALL else "the calibration sets give different models"
-        lines.append(f"{_bits(r)} {r['method']}, calibration seed {c['calib_from']} → {c['calib_seed']}: "
+        lines.append(f"{_bits(r)} {r['method']}{_set_words(c)}, calibration seed {c['calib_from']} → {c['calib_seed']}: "
                      f"{_stated(c, titles[c['metric']])}: {verdict}.")
     return lines
 
@@ -262,6 +287,10 @@ def calibration_findings(rows: Sequence[dict], comps: Sequence[dict]) -> List[st
 def _stated(c: dict, title: str) -> str:
     """'title +d [low, high] (Holm p …)': one stated difference."""
     return f"{title} {_fmt(c['estimate'])} [{_fmt(c['low'])}, {_fmt(c['high'])}] (Holm p {_p(c)})"
+
+
+def _set_words(c: dict) -> str:
+    return f", FP set {c['fp_set'] + 1}" if "fp_set" in c else ""
 
 
 def _p(c) -> str:
@@ -278,13 +307,14 @@ def _consistency(comps: Sequence[dict], by_name) -> List[str]:
     keyed: Dict[tuple, list] = {}
     for c in comps:
         if c["what"] != "against FP":
-            keyed.setdefault((c["preset"], c["what"], c["metric"]), []).append(c)
-    for (preset, what, metric), cs in keyed.items():
+            keyed.setdefault((c["preset"], c["what"], c["metric"], c.get("fp_set")), []).append(c)
+    for (preset, what, metric, _), cs in keyed.items():
         if len({c["calib_seed"] for c in cs}) < 2:
             continue
         verdicts = {c["calib_seed"]: c["verdict"] for c in cs}
         same = len(set(verdicts.values())) == 1
-        lines.append(f"{_bits(by_name[cs[0]['b']])}, {what} on {metric} over {len(verdicts)} calibration seeds: "
+        lines.append(f"{_bits(by_name[cs[0]['b']])}{_set_words(cs[0])}, {what} on {metric} over {len(verdicts)} "
+                     f"calibration seeds: "
                      + ("the same on every one" if same else "not the same on every calibration set") + " ("
                      + ", ".join(f"seed {s}: {v}" for s, v in verdicts.items()) + ").")
     return lines

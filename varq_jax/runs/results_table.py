@@ -61,15 +61,18 @@ def _with_interval(row: dict, key: str, fmt: str) -> str:
 
 
 def table(rows: Sequence[dict]) -> List[str]:
+    """The main table; a merged table of several FP sets gets an 'FP set' column (its rows compare within it)."""
+    sets = any("fp_set" in r for r in rows)
     lines = ["| model | method | calib. seed | class acc. | FD to real | FD to FP | BOPs | BOPs + SaS | θ | PTQ (s) | "
-             "eval (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "eval (s) |" + (" FP set |" if sets else ""), "|---|---|---|---|---|---|---|---|---|---|---|"
+             + ("---|" if sets else "")]
     for r in rows:
         model = "FP" if r["preset"] == "fp" else _bits(r)
         seed = "–" if r.get("calib_seed") is None else str(r["calib_seed"])
         lines.append(f"| {model} | {r['method']} | {seed} | {_with_interval(r, 'class_accuracy', '.4f')} | "
                      f"{_with_interval(r, 'fd_real', '.4g')} | {_with_interval(r, 'fd_fp', '.4g')} | "
                      f"{_bops(r['bops_quantized'])} | {_bops(r['bops_with_sas'])} | {_num(r['theta'])} | "
-                     f"{_secs(r['ptq_s'])} | {_secs(r['eval_s'])} |")
+                     f"{_secs(r['ptq_s'])} | {_secs(r['eval_s'])} |" + (f" {r['fp_set'] + 1} |" if sets else ""))
     return lines
 
 
@@ -116,7 +119,8 @@ def to_markdown(result: dict) -> str:
                      f"their PTQ and eval times then including shared devices and host CPUs, or one after another):")
         lines += [f"  - `{p['command']}` — {p['device']}, host {p['host']}, {p['date']}, jax {p['jax']}, "
                   f"{p['wall_s']:.0f} s" + (f", stopped by {p['stopped']} (its finished runs)" if p.get("stopped")
-                                            else "") for p in result["parts"]]
+                                            else "")
+                  + (f"; FP set {p['fp_set'] + 1}" if "fp_set" in p else "") for p in result["parts"]]
         lines.append(f"- Merged by `{result['command'] or '(library call)'}` — {result['device']}, host "
                      f"{result['host']}, {result['date']}, jax {result['jax']} "
                      f"(A·V diagnostic from {result['av_error_from']})")

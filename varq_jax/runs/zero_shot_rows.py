@@ -132,13 +132,13 @@ def comparisons(rows: Sequence[dict], values: Mapping, pair: Tuple[str, str] = C
     a, b = pair
     for task in dict.fromkeys(r["task"] for r in rows):
         q = [r for r in rows if r["task"] == task and r["preset"] != "fp"]
-        for preset, cs in dict.fromkeys((r["preset"], r["calib_seed"]) for r in q):
-            by = {r["method"]: r["name"] for r in q if r["preset"] == preset and r["calib_seed"] == cs}
+        for preset, cs, k in dict.fromkeys((r["preset"], r["calib_seed"], r.get("fp_set")) for r in q):
+            by = {r["method"]: r for r in q if r["preset"] == preset and r["calib_seed"] == cs and r.get("fp_set") == k}
             if a in by and b in by:
                 for metric, _, lower in METRICS:
-                    c = protocol_lib.compare(f"{a} → {b}", preset, cs, value_name(task, by[a]),
-                                             value_name(task, by[b]), metric, lower, values)
-                    out.append(dict(c, task=task, a=by[a], b=by[b]))
+                    c = protocol_lib.compare(f"{a} → {b}", preset, cs, value_name(task, by[a]["name"]),
+                                             value_name(task, by[b]["name"]), metric, lower, values)
+                    out.append(dict(protocol_lib.in_set(c, by[a]), task=task, a=by[a]["name"], b=by[b]["name"]))
     return protocol_lib.adjust(out)
 
 
@@ -159,13 +159,15 @@ def to_markdown(section: dict) -> List[str]:
              f"classifier features of the results against the inputs'; class accuracy w.r.t. the input's class "
              f"(edit: the target class, the input's label + 1). 95 % paired bootstrap intervals over the inputs. "
              f"LPIPS is not computed (no LPIPS network in the project).", ""]
+    sets = any("fp_set" in r for r in rows)
     for task in dict.fromkeys(r["task"] for r in rows):
-        lines += [f"### {task}", "", "| model | method | calib. seed | " + " | ".join(t for _, t, _ in METRICS) + " |",
-                  "|---|---|---|" + "---|" * len(METRICS)]
+        lines += [f"### {task}", "", "| model | method | calib. seed | " + " | ".join(t for _, t, _ in METRICS) + " |"
+                  + (" FP set |" if sets else ""), "|---|---|---|" + "---|" * (len(METRICS) + sets)]
         for r in (r for r in rows if r["task"] == task):
             model = "FP" if r["preset"] == "fp" else f"W{r['w_bits']}A{r['a_bits']}"
             lines.append(f"| {model} | {r['method']} | {r['calib_seed'] or '–'} | "
-                         + " | ".join(_cell(r, m) for m, _, _ in METRICS) + " |")
+                         + " | ".join(_cell(r, m) for m, _, _ in METRICS) + " |"
+                         + (f" {r['fp_set'] + 1} |" if sets else ""))
         lines.append("")
     tested = [c for c in comps if c["p_holm"] is not None]
     titles = {m: t for m, t, _ in METRICS}
@@ -179,6 +181,7 @@ def to_markdown(section: dict) -> List[str]:
         p = "–" if c["p_holm"] is None else f"{c['p_holm']:.3g}"
         lines.append(f"- {c['task']}, {c['preset'].upper()}"
                      + ("" if c["calib_seed"] is None else f", calib seed {c['calib_seed']}")
+                     + (f", FP set {c['fp_set'] + 1}" if "fp_set" in c else "")
                      + f", {c['what']}: {titles[c['metric']]} {c['estimate']:+.4g} [{lo}, {hi}] (Holm p {p}): {c['verdict']}.")
     if not comps:
         lines.append(f"- No {COMPARED[0]}/{COMPARED[1]} pair in these rows: no differences stated.")
