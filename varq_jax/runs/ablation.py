@@ -550,8 +550,8 @@ def _requantized_note(name: str, row: dict, i: int, other: dict, j: int, va: Map
              if paired_ else "")
     if other_set is not None:
         return (f"run {name}: quantized again by part {j} in FP set {other_set + 1} (same calibration set and "
-                f"settings), its row there {name}{fp_set_suffix(other_set)} ({diff}, part {i}'s first{again}; the "
-                f"images of two FP sets are not fully paired, so this is an upper bound on the re-run spread)")
+                f"settings), its row there {name}{fp_set_suffix(other_set)} ({diff}, part {i}'s first{again}; two "
+                f"FP sets' images are not fully paired, so this difference holds the GPU's as well as the re-run's)")
     return (f"run {name}: the table's row is part {i}'s; part {j} quantized it again for its zero-shot rows "
             f"(same calibration set and settings; its own row there: {diff}, part {i}'s first{again})")
 
