@@ -5,6 +5,7 @@
       --workdir=runs/ablate [--checkpoint research] [--config.recon.iters=1000 ...]
 
   python -m experiments.ablate --merge=parts/a.json,parts/b.json --out=RESULTS.md   # one table from parts
+      [--fp_sets]      # parts of another kind of GPU (FP rows beyond the tolerance): an FP set each, compared within
 
 Without --checkpoint the embedded default model is used. --config.<field>=value overrides go to every PTQ config
 (checked against each preset's fields); the evaluation settings of every row are --eval.<field>=value
