@@ -490,11 +490,6 @@ def _fp_agreement(fp_rows: Sequence[Sequence[dict]], first: int = 0) -> Optional
             f"rows are part {first}'s, and each part's 'FD to FP' is against its own FP set")
 
 
-def fp_set_suffix(k: int) -> str:
-    """The suffix of FP set k's row names where they would clash with set 0's ('fp@2', 'w4a4_full@2')."""
-    return "" if k == 0 else f"@{k + 1}"
-
-
 def _fp_sets(fp_rows: Sequence[Sequence[dict]], separate: bool, devices: Sequence[str]) -> tuple:
     """(FP set of each part, notes). A part joins the first set whose first part's FP rows it matches (exactly, or
     within FP_TOLERANCE of the noise floor: `_fp_agreement`); one that matches none is refused, or, with
@@ -516,17 +511,15 @@ def _fp_sets(fp_rows: Sequence[Sequence[dict]], separate: bool, devices: Sequenc
                                  f"it: --fp_sets)")
             firsts.append(i)
             set_of.append(len(firsts) - 1)
+    members = [[i for i, s in enumerate(set_of) if s == k] for k in range(len(firsts))]
     notes = []
-    for k in range(len(firsts)):
-        members = [i for i, s in enumerate(set_of) if s == k]
-        note = _fp_agreement([fp_rows[i] for i in members], first=members[0])
+    for k, m in enumerate(members):
+        note = _fp_agreement([fp_rows[i] for i in m], first=m[0])
         if note:
             notes.append(note if len(firsts) == 1 else f"FP set {k + 1}: {note}")
     if len(firsts) > 1:
-        sets = "; ".join(f"FP set {k + 1}: part{'s' if set_of.count(k) > 1 else ''} "
-                         f"{', '.join(str(i) for i, s in enumerate(set_of) if s == k)} "
-                         f"({', '.join(sorted({devices[i] for i, s in enumerate(set_of) if s == k}))})"
-                         for k in range(len(firsts)))
+        sets = "; ".join(f"FP set {k + 1}: part{'s' if len(m) > 1 else ''} {', '.join(map(str, m))} "
+                         f"({', '.join(sorted({devices[i] for i in m}))})" for k, m in enumerate(members))
         notes.insert(0, f"the parts' FP rows differ beyond {FP_TOLERANCE} of the noise floor, so they form "
                         f"{len(firsts)} FP sets ({sets}): the same keys sampled into partly other images. Each set "
                         f"has its own FP and noise-floor rows, a row's 'FD to FP' is against its own set's FP samples, "
@@ -550,8 +543,9 @@ def _requantized_note(name: str, row: dict, i: int, other: dict, j: int, va: Map
              if paired_ else "")
     if other_set is not None:
         return (f"run {name}: quantized again by part {j} in FP set {other_set + 1} (same calibration set and "
-                f"settings), its row there {name}{fp_set_suffix(other_set)} ({diff}, part {i}'s first{again}; two "
-                f"FP sets' images are not fully paired, so this difference holds the GPU's as well as the re-run's)")
+                f"settings), its row there {protocol_lib.in_fp_set(name, other_set)} ({diff}, part {i}'s "
+                f"first{again}; two FP sets' images are not fully paired, so this difference holds the GPU's as "
+                f"well as the re-run's)")
     return (f"run {name}: the table's row is part {i}'s; part {j} quantized it again for its zero-shot rows "
             f"(same calibration set and settings; its own row there: {diff}, part {i}'s first{again})")
 
@@ -608,7 +602,7 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
         for r in p["rows"]:
             name = r["name"]
             if r["preset"] == "fp":
-                table_name[i, name] = name + fp_set_suffix(k)
+                table_name[i, name] = protocol_lib.in_fp_set(name, k)
                 continue
             part_values = lambda j: values[j].get(name, {}) if values else {}
             if (name, k) in seen:
@@ -622,15 +616,16 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
             if earlier:
                 j, at = earlier[0]
                 again.append(_requantized_note(name, rows[at], j, r, i, part_values(j), part_values(i), other_set=k))
-            table_name[i, name] = name + fp_set_suffix(k) if earlier else name
+            table_name[i, name] = protocol_lib.in_fp_set(name, k) if earlier else name
             seen[name, k] = (i, len(rows))
             rows.append(tag(dict(r, name=table_name[i, name]), k))
     owner = {rows[at]["name"]: j for j, at in seen.values()}
+    seen_runs = {n for n, _ in seen}
     joined: Dict[str, Mapping] = {}
     for i, v in enumerate(values):
         for name, metrics_ in v.items():
             task, sep, row = name.rpartition(":") if name.startswith("zero_shot:") else ("", "", name)
-            new = task + sep + table_name.get((i, row), row + fp_set_suffix(set_of[i]) if row == "fp" else row)
+            new = task + sep + table_name.get((i, row), row)     # every part holds its FP rows
             if new in joined and (row in ("fp", NOISE_ROW)):
                 exact = not fp_notes and not sep                 # zero-shot FP rows: a note instead
                 if exact and any(not np.array_equal(joined[new][m][1], metrics_[m][1]) for m in metrics_):
@@ -652,10 +647,10 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
     for p in parts:
         for preset, seeds in dict(p["protocol"].get("extra_calib", {})).items():
             extra[preset] = sorted(set(extra.get(preset, [])) | set(seeds))
-    zs_parts = [p for p in parts if p.get("zero_shot")]
+    shot_parts = [i for i, p in enumerate(parts) if p.get("zero_shot")]
     protocol = protocol_lib.from_dict({**first["protocol"], "extra_calib": extra,
-                                       **({"zero_shot_images": zs_parts[0]["protocol"].get("zero_shot_images")}
-                                          if zs_parts else {})})
+                                       **({"zero_shot_images": parts[shot_parts[0]]["protocol"]
+                                           .get("zero_shot_images")} if shot_parts else {})})
     presets = list(dict.fromkeys(r["preset"] for r in q))
     methods = sorted({r["method"] for r in q}, key=rank)
     order = {r["name"]: i for i, r in enumerate(rows)}
@@ -679,12 +674,12 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
         if make_plan is None:
             raise ValueError("recomputing the A·V diagnostic needs the runs' configs (make_plan)")
         runs = [r for r in protocol_runs(make_plan(presets, methods, first["overrides"]), protocol)
-                if r.name in {n for n, _ in seen}]
+                if r.name in seen_runs]
         reports = {r["name"]: {"theta": r["theta"]} for r in q}
         diag["av_error"] = run_diagnostics(ck, runs, reports, workdir, diag_samples, log)["av_error"]
     result = {k: first[k] for k in SHARED}
     result["protocol"] = protocol.to_dict()
-    result["not_run"] = [name for name in planned if name not in {n for n, _ in seen}]
+    result["not_run"] = [name for name in planned if name not in seen_runs]
     result.update(eval_notes=first.get("eval_notes", []) + fp_notes + again,
                   presets=presets, methods=methods, command=command,
                   **environment(), rows=rows, diagnostics=diag,
@@ -692,7 +687,6 @@ def merge(parts: Sequence[dict], *, values: Sequence[Mapping] = (), ck=None, wor
                   parts=[{**{k: p.get(k) for k in PART_FIELDS}, **({"fp_set": set_of[i]} if several else {})}
                          for i, p in enumerate(parts)],
                   av_error_from="this merge" if diag_samples > 0 else "the parts")
-    shot_parts = [i for i, p in enumerate(parts) if p.get("zero_shot")]
     shots = [parts[i]["zero_shot"] for i in shot_parts]
     if shots:
         setting = lambda z: (z["num_inputs"], z["box"], z["seed"], z["tasks"])

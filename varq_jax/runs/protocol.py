@@ -131,11 +131,15 @@ def row_intervals(values: Mapping[str, Tuple[float, np.ndarray]]) -> Dict[str, d
     return out
 
 
+def in_fp_set(name: str, k: int) -> str:
+    """A row's name in FP set k of a merged table (`runs.ablation.merge`): set 0 keeps it, set k ≥ 1 adds '@k+1'
+    where it would clash with set 0's ('fp@2', 'w4a4_full@2')."""
+    return name if k == 0 else f"{name}@{k + 1}"
+
+
 def fp_of(row: dict, fp: str = "fp") -> str:
-    """The name of the FP row (or noise row, fp=NOISE_ROW) of the row's FP set: 'fp', or 'fp@2' in a merged table
-    of several sets (`runs.ablation.merge`)."""
-    k = row.get("fp_set", 0)
-    return fp if not k else f"{fp}@{k + 1}"
+    """The name of the FP row (or noise row, fp=NOISE_ROW) of the row's FP set."""
+    return in_fp_set(fp, row.get("fp_set", 0))
 
 
 def in_set(c: dict, row: dict) -> dict:
@@ -279,7 +283,8 @@ def calibration_findings(rows: Sequence[dict], comps: Sequence[dict]) -> List[st
     for c in comps:
         r = by_name[c["b"]]
         verdict = c["verdict"] if c["verdict"] in NO_CALL else "the calibration sets give different models"
-        lines.append(f"{_bits(r)} {r['method']}{_set_words(c)}, calibration seed {c['calib_from']} → {c['calib_seed']}: "
+        lines.append(f"{_bits(r)} {r['method']}{_set_words(c)}, calibration seed {c['calib_from']} → "
+                     f"{c['calib_seed']}: "
                      f"{_stated(c, titles[c['metric']])}: {verdict}.")
     return lines
 
