@@ -572,6 +572,14 @@ def test_parts_of_another_gpu_form_an_fp_set_compared_only_within_it(ablation_ru
     results_table.write(str(tmp_path / "SETS.md"), merged)
     md = (tmp_path / "SETS.md").read_text()
     assert "| FP set |" in md and "Noise floor of FP set 2" in md and "FP set 2, reconstruction" in md
+    assert not any(f.startswith("Not compared") for f in merged["findings"])
+    alone = ablation.merge(parts[:2], values=[values[0], other_values(values[1])], method_order=cli.METHODS,
+                           fp_sets=True)                     # without brecq@2: the pair lies in no common set
+    assert not [c for c in alone["comparisons"] if c["what"] != "against FP"]
+    assert [f for f in alone["findings"] if f.startswith("Not compared")] == [
+        "Not compared: W4A6, calib seed 2025, reconstruction (baseline → brecq): baseline is in FP set 2, brecq in "
+        "FP set 1, and rows of different FP sets are not paired (running baseline again in brecq's FP set would "
+        "give the comparison)."]
 
 
 def test_a_part_of_the_table_runs_only_the_named_runs(ablation_run):

@@ -244,6 +244,7 @@ def findings(rows: Sequence[dict], comps: Sequence[dict], protocol: Protocol) ->
     if sets:
         lines.append(f"The rows form {len(sets)} FP sets (see the notes): each difference below lies within one set, "
                      f"and rows of different sets are not compared.")
+    lines += _unpaired(rows)
     for k in sets or [None]:
         noise = by_name.get(NOISE_ROW if k is None else fp_of({"fp_set": k}, NOISE_ROW))
         if noise is not None and noise.get("intervals", {}).get("fd_fp"):
@@ -304,6 +305,26 @@ def _p(c) -> str:
 
 def _bits(row: dict) -> str:
     return "FP" if row["preset"] == "fp" else f"W{row['w_bits']}A{row['a_bits']}"
+
+
+def _unpaired(rows: Sequence[dict]) -> List[str]:
+    """Method pairs of COMPARISONS whose rows are both in the table, but in no common FP set: not paired image by
+    image, so not stated; said, so that a reader does not take the missing line for a missing run."""
+    q = [r for r in rows if r["preset"] != "fp" and "fp_set" in r]
+    lines = []
+    for preset, cs in dict.fromkeys((r["preset"], r.get("calib_seed")) for r in q):
+        group = [r for r in q if r["preset"] == preset and r.get("calib_seed") == cs]
+        sets: Dict[str, set] = {}
+        for r in group:
+            sets.setdefault(r["method"], set()).add(r["fp_set"])
+        where = lambda m: " and ".join(f"FP set {k + 1}" for k in sorted(sets[m]))
+        seed = "" if cs is None else f", calib seed {cs}"
+        for what, a, b in COMPARISONS:
+            if a in sets and b in sets and not sets[a] & sets[b]:
+                lines.append(f"Not compared: {_bits(group[0])}{seed}, {what} ({a} → {b}): {a} is in {where(a)}, "
+                             f"{b} in {where(b)}, and rows of different FP sets are not paired (running {a} again in "
+                             f"{b}'s FP set would give the comparison).")
+    return lines
 
 
 def _consistency(comps: Sequence[dict], by_name) -> List[str]:
