@@ -254,13 +254,13 @@ def findings(rows: Sequence[dict], comps: Sequence[dict], protocol: Protocol) ->
                          f"{i['high']:.4g}] apart: a quantized row's FD to FP within this range cannot be told from "
                          f"sampling the FP model again.")
     for c in comps:
-        bits = _bits(by_name[c["b"]])
-        seed = ("" if c["calib_seed"] is None else f", calib seed {c['calib_seed']}") + _set_words(c)
+        model = bits(by_name[c["b"]])
+        seed = ("" if c["calib_seed"] is None else f", calib seed {c['calib_seed']}") + set_words(c)
         if c["what"] == "against FP":
-            lines.append(f"{bits} {by_name[c['b']]['method']}{seed}: {_stated(c, 'class accuracy against FP')}: "
+            lines.append(f"{model} {by_name[c['b']]['method']}{seed}: {_stated(c, 'class accuracy against FP')}: "
                          f"{c['verdict']}.")
         else:
-            lines.append(f"{bits}{seed}, {c['what']} ({by_name[c['a']]['method']} → {by_name[c['b']]['method']}): "
+            lines.append(f"{model}{seed}, {c['what']} ({by_name[c['a']]['method']} → {by_name[c['b']]['method']}): "
                          f"{_stated(c, titles[c['metric']])}: {c['verdict']}.")
     lines += _consistency(comps, by_name)
     return lines
@@ -275,7 +275,7 @@ def calibration_findings(rows: Sequence[dict], comps: Sequence[dict]) -> List[st
     by_name = {r["name"]: r for r in rows}
     widest = {m: max((c for c in comps if c["metric"] == m), key=lambda c: abs(c["estimate"]), default=None)
               for m, _, _ in METRICS}
-    spread = "; ".join(f"{titles[m]} {_fmt(c['estimate'])} ({_bits(by_name[c['b']])} {by_name[c['b']]['method']})"
+    spread = "; ".join(f"{titles[m]} {_fmt(c['estimate'])} ({bits(by_name[c['b']])} {by_name[c['b']]['method']})"
                        for m, c in widest.items() if c is not None)
     lines = [f"Calibration sets: {len(comps)} comparisons of the same method on another calibration set (a preset's "
              f"first calibration seed → each further one), Holm-adjusted as their own family of {len(tested)}; the "
@@ -284,7 +284,7 @@ def calibration_findings(rows: Sequence[dict], comps: Sequence[dict]) -> List[st
     for c in comps:
         r = by_name[c["b"]]
         verdict = c["verdict"] if c["verdict"] in NO_CALL else "the calibration sets give different models"
-        lines.append(f"{_bits(r)} {r['method']}{_set_words(c)}, calibration seed {c['calib_from']} → "
+        lines.append(f"{bits(r)} {r['method']}{set_words(c)}, calibration seed {c['calib_from']} → "
                      f"{c['calib_seed']}: "
                      f"{_stated(c, titles[c['metric']])}: {verdict}.")
     return lines
@@ -295,7 +295,8 @@ def _stated(c: dict, title: str) -> str:
     return f"{title} {_fmt(c['estimate'])} [{_fmt(c['low'])}, {_fmt(c['high'])}] (Holm p {_p(c)})"
 
 
-def _set_words(c: dict) -> str:
+def set_words(c: dict) -> str:
+    """', FP set k' for a comparison within one FP set of a merged table (nothing in a table of one set)."""
     return f", FP set {c['fp_set'] + 1}" if "fp_set" in c else ""
 
 
@@ -303,7 +304,8 @@ def _p(c) -> str:
     return "–" if c["p_holm"] is None else f"{c['p_holm']:.3g}"
 
 
-def _bits(row: dict) -> str:
+def bits(row: dict) -> str:
+    """A row's model as tables name it: 'FP' or 'W4A6'."""
     return "FP" if row["preset"] == "fp" else f"W{row['w_bits']}A{row['a_bits']}"
 
 
@@ -321,7 +323,7 @@ def _unpaired(rows: Sequence[dict]) -> List[str]:
         seed = "" if cs is None else f", calib seed {cs}"
         for what, a, b in COMPARISONS:
             if a in sets and b in sets and not sets[a] & sets[b]:
-                lines.append(f"Not compared: {_bits(group[0])}{seed}, {what} ({a} → {b}): {a} is in {where(a)}, "
+                lines.append(f"Not compared: {bits(group[0])}{seed}, {what} ({a} → {b}): {a} is in {where(a)}, "
                              f"{b} in {where(b)}, and rows of different FP sets are not paired (running {a} again in "
                              f"{b}'s FP set would give the comparison).")
     return lines
@@ -339,7 +341,7 @@ def _consistency(comps: Sequence[dict], by_name) -> List[str]:
             continue
         verdicts = {c["calib_seed"]: c["verdict"] for c in cs}
         same = len(set(verdicts.values())) == 1
-        lines.append(f"{_bits(by_name[cs[0]['b']])}{_set_words(cs[0])}, {what} on {metric} over {len(verdicts)} "
+        lines.append(f"{bits(by_name[cs[0]['b']])}{set_words(cs[0])}, {what} on {metric} over {len(verdicts)} "
                      f"calibration seeds: "
                      + ("the same on every one" if same else "not the same on every calibration set") + " ("
                      + ", ".join(f"seed {s}: {v}" for s, v in verdicts.items()) + ").")

@@ -6,10 +6,11 @@ from typing import List, Sequence
 import numpy as np
 
 from varq_jax.files import atomic_write
+from varq_jax.runs import protocol
+
 
 def write(out: str, result: dict) -> None:
     """out (markdown), its .json twin, and the rows' bootstrap values (`_values`) as .replicates.npz."""
-    from varq_jax.runs import protocol
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     public = {k: v for k, v in result.items() if not k.startswith("_")}
     for path, text in ((out, to_markdown(result)),
@@ -50,10 +51,6 @@ def _secs(x) -> str:
     return "–" if x is None else f"{x:.1f}"
 
 
-def _bits(row: dict) -> str:
-    return f"W{row['w_bits']}A{row['a_bits']}"
-
-
 def _with_interval(row: dict, key: str, fmt: str) -> str:
     i = row.get("intervals", {}).get(key)
     text = _num(row[key], fmt)
@@ -67,7 +64,7 @@ def table(rows: Sequence[dict]) -> List[str]:
              "eval (s) |" + (" FP set |" if sets else ""), "|---|---|---|---|---|---|---|---|---|---|---|"
              + ("---|" if sets else "")]
     for r in rows:
-        model = "FP" if r["preset"] == "fp" else _bits(r)
+        model = protocol.bits(r)
         seed = "–" if r.get("calib_seed") is None else str(r["calib_seed"])
         lines.append(f"| {model} | {r['method']} | {seed} | {_with_interval(r, 'class_accuracy', '.4f')} | "
                      f"{_with_interval(r, 'fd_real', '.4g')} | {_with_interval(r, 'fd_fp', '.4g')} | "

@@ -164,7 +164,7 @@ def to_markdown(section: dict) -> List[str]:
         lines += [f"### {task}", "", "| model | method | calib. seed | " + " | ".join(t for _, t, _ in METRICS) + " |"
                   + (" FP set |" if sets else ""), "|---|---|---|" + "---|" * (len(METRICS) + sets)]
         for r in (r for r in rows if r["task"] == task):
-            model = "FP" if r["preset"] == "fp" else f"W{r['w_bits']}A{r['a_bits']}"
+            model = protocol_lib.bits(r)
             lines.append(f"| {model} | {r['method']} | {r['calib_seed'] or '–'} | "
                          + " | ".join(_cell(r, m) for m, _, _ in METRICS) + " |"
                          + (f" {r['fp_set'] + 1} |" if sets else ""))
@@ -181,7 +181,7 @@ def to_markdown(section: dict) -> List[str]:
         p = "–" if c["p_holm"] is None else f"{c['p_holm']:.3g}"
         lines.append(f"- {c['task']}, {c['preset'].upper()}"
                      + ("" if c["calib_seed"] is None else f", calib seed {c['calib_seed']}")
-                     + (f", FP set {c['fp_set'] + 1}" if "fp_set" in c else "")
+                     + protocol_lib.set_words(c)
                      + f", {c['what']}: {titles[c['metric']]} {c['estimate']:+.4g} [{lo}, {hi}] (Holm p {p}): {c['verdict']}.")
     if not comps:
         lines.append(f"- No {COMPARED[0]}/{COMPARED[1]} pair in these rows: no differences stated.")
